@@ -1,0 +1,353 @@
+"""Forward SDEs of score-based generative modelling and their reverses.
+
+Every SDE here has a Gaussian perturbation kernel
+
+    x_t = alpha_t * x_0 + sigma_t * eps,    eps ~ N(0, I),
+
+and is written in the paper's notation, dx = f(x, t) dt + g(t) dw, on t in [0, T] with T = 1.
+
+* ``VPSDE``: beta(t) = beta_min + t (beta_max - beta_min), f = -beta(t) x / 2, g = sqrt(beta(t)),
+  sigma_t^2 = 1 - alpha_t^2.
+* ``SubVPSDE``: the same alpha_t, sigma_t = 1 - alpha_t^2, g^2 = beta(t) (1 - alpha_t^4).
+* ``VESDE``: sigma(t) = sigma_min (sigma_max / sigma_min)^t, f = 0, alpha_t = 1,
+  g = sigma(t) sqrt(2 log(sigma_max / sigma_min)).
+
+Discretisation. ``discretize(x, t, dt)`` gives the one-step Markov chain from time t - dt to t,
+x_t = x_{t-dt} + f_i + G_i z, that predictors and correctors build on. By default
+(``discretization="grid"``) the chain is derived from the marginals between the two grid times,
+x_t = a x_s + sqrt(v) z with a = alpha_t / alpha_s and v = sigma_t^2 - a^2 sigma_s^2. For VP this
+is the DDPM chain (beta_i = 1 - a^2), for VE the SMLD chain (G^2 = sigma_t^2 - sigma_s^2), and for
+subVP the same construction gives a valid chain; it is well defined for every N. A step that
+reaches t - dt <= 0 lands on clean data (alpha = 1, sigma = 0), as the original's tables do.
+``discretization="table"`` reproduces the original's fixed tables of N levels indexed by
+round(t (N - 1)) (DDPM betas linspace(beta_min/N, beta_max/N, N); SMLD sigmas geometric between
+sigma_min and sigma_max), which the published numbers used. subVP has only the grid chain.
+
+Shapes: ``x`` is (B, ...), ``t`` is (B,) (a scalar is broadcast), per-example scalars are (B,).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+ScoreFn = Callable[[Array, Array], Array]
+
+_DISCRETIZATIONS = ("grid", "table")
+
+
+def batch_mul(v: Array, x: Array) -> Array:
+  """Multiplies each example of ``x`` (B, ...) by the matching entry of ``v`` (B,)."""
+  return v.reshape(v.shape + (1,) * (x.ndim - v.ndim)) * x
+
+
+def _time(t, x: Array) -> Array:
+  """Returns ``t`` as a float array of shape (B,) for a batch ``x`` of shape (B, ...)."""
+  t = jnp.asarray(t, dtype=x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32)
+  return jnp.broadcast_to(t, x.shape[:1]) if t.ndim == 0 else t
+
+
+def _standard_normal_logp(z: Array) -> Array:
+  """log N(z; 0, I) summed over all but the batch axis; (B,)."""
+  d = math.prod(z.shape[1:])
+  return -0.5 * d * jnp.log(2 * jnp.pi) - 0.5 * jnp.sum(z.reshape(z.shape[0], -1) ** 2, axis=1)
+
+
+class SDE(abc.ABC):
+  """A forward SDE with Gaussian perturbation kernel x_t = alpha_t x_0 + sigma_t eps.
+
+  Subclasses give the marginal coefficients (``alpha_sigma``), the SDE coefficients (``sde``)
+  and the prior; discretisation, reversal and everything samplers need follow from these.
+  """
+
+  def __init__(self, N: int, discretization: str = "grid"):
+    if int(N) != N or N < 1:
+      raise ValueError(f"N (the number of discretisation steps) must be a positive integer, got {N}.")
+    if discretization not in _DISCRETIZATIONS:
+      raise ValueError(f"Unknown discretization {discretization!r}; valid choices: {_DISCRETIZATIONS}.")
+    self.N = int(N)
+    self.discretization = discretization
+
+  @property
+  def T(self) -> float:
+    """End time of the forward SDE."""
+    return 1.0
+
+  # --- what each SDE defines -------------------------------------------------------------------
+
+  @abc.abstractmethod
+  def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
+    """Marginal coefficients (alpha_t, sigma_t), each shaped like ``t``."""
+
+  @abc.abstractmethod
+  def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
+    """Drift f(x, t) (shaped like x) and diffusion g(t) (B,)."""
+
+  @abc.abstractmethod
+  def prior_sampling(self, key: Array, shape: tuple[int, ...]) -> Array:
+    """Samples of shape ``shape`` from the prior p_T."""
+
+  @abc.abstractmethod
+  def prior_logp(self, z: Array) -> Array:
+    """Natural-log density of the prior at ``z`` (B, ...); returns (B,)."""
+
+  def _table_levels(self, t: Array) -> tuple[Array, Array, Array]:
+    """(a, sigma_s, sigma_t) of the original's fixed table at index round(t (N - 1))."""
+    raise ValueError(f"{type(self).__name__} has no fixed discretisation table; use discretization='grid'.")
+
+  # --- derived ----------------------------------------------------------------------------------
+
+  def marginal_prob(self, x: Array, t: Array) -> tuple[Array, Array]:
+    """Mean (like x) and std (B,) of p_t(x_t | x_0 = x)."""
+    alpha, sigma = self.alpha_sigma(_time(t, x))
+    return batch_mul(alpha, x), sigma
+
+  def step_levels(self, t: Array, dt: Array | float | None = None) -> tuple[Array, Array, Array]:
+    """Noise levels of one step of the chain from s = t - dt to t.
+
+    Args:
+      t: (B,) end times of the step.
+      dt: positive step length (scalar or (B,)); defaults to T / N.
+
+    Returns:
+      (a, sigma_s, sigma_t), each (B,): x_t = a x_s + sqrt(sigma_t^2 - a^2 sigma_s^2) z, with
+      a = alpha_t / alpha_s. A step that reaches s <= 0 lands on clean data (alpha = 1, sigma = 0).
+    """
+    t = jnp.asarray(t)
+    if self.discretization == "table":
+      return self._table_levels(t)
+    dt = self.T / self.N if dt is None else dt
+    s = t - dt
+    alpha_t, sigma_t = self.alpha_sigma(t)
+    alpha_s, sigma_s = self.alpha_sigma(jnp.maximum(s, 0.0))
+    alpha_s = jnp.where(s > 0, alpha_s, 1.0)
+    sigma_s = jnp.where(s > 0, sigma_s, 0.0)
+    return alpha_t / alpha_s, sigma_s, sigma_t
+
+  def transition(self, t: Array, dt: Array | float | None = None) -> tuple[Array, Array]:
+    """(a, v), each (B,): one step of the chain from t - dt to t is x_t = a x_s + sqrt(v) z."""
+    a, sigma_s, sigma_t = self.step_levels(t, dt)
+    return a, jnp.maximum(sigma_t**2 - (a * sigma_s) ** 2, 0.0)
+
+  def discretize(self, x: Array, t: Array, dt: Array | float | None = None) -> tuple[Array, Array]:
+    """Discretised forward step x_t = x_{t-dt} + f + G z.
+
+    Args:
+      x: (B, ...) state.
+      t: (B,) or scalar time at the end of the step.
+      dt: positive step length; defaults to T / N.
+
+    Returns:
+      f shaped like x and G of shape (B,).
+    """
+    a, v = self.transition(_time(t, x), dt)
+    return batch_mul(a - 1.0, x), jnp.sqrt(v)
+
+  def langevin_alpha(self, t: Array, dt: Array | float | None = None) -> Array:
+    """The per-step alpha_i of the Langevin corrector's step size: a^2 of ``transition`` (B,).
+
+    It is 1 - beta_i for VP (as in the original) and 1 for VE.
+    """
+    a, _ = self.transition(jnp.asarray(t), dt)
+    return a**2
+
+  def ancestral_step(self, x: Array, t: Array, score: Array,
+                     dt: Array | float | None = None) -> tuple[Array, Array]:
+    """Mean and std of ancestral sampling, p(x_{t-dt} | x_t), with x_0 from Tweedie's formula.
+
+    The posterior mean of the Gaussian chain is (x + v s) / a; its std is the posterior std
+    sqrt(v sigma_s^2 / sigma_t^2) (the SMLD rule of the original; the original's VP table used
+    sqrt(beta_i), kept under ``discretization="table"``).
+
+    Returns:
+      x_mean shaped like x and std of shape (B,).
+    """
+    a, sigma_s, sigma_t = self.step_levels(_time(t, x), dt)
+    v = jnp.maximum(sigma_t**2 - (a * sigma_s) ** 2, 0.0)
+    x_mean = batch_mul(1.0 / a, x + batch_mul(v, score))
+    std = jnp.sqrt(v) * sigma_s / jnp.maximum(sigma_t, jnp.finfo(x.dtype).tiny)
+    return x_mean, std
+
+  def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
+    """The reverse-time SDE (or, with ``probability_flow``, the probability-flow ODE).
+
+    Args:
+      score_fn: callable (x (B, ...), t (B,)) -> score shaped like x.
+      probability_flow: build the deterministic ODE with the same marginals.
+    """
+    return ReverseSDE(self, score_fn, probability_flow)
+
+  def __repr__(self):
+    fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if isinstance(v, (int, float, str)))
+    return f"{type(self).__name__}({fields})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReverseSDE:
+  """dx = [f - g^2 s] dt + g dw-bar (or dx = [f - g^2 s / 2] dt for the probability-flow ODE).
+
+  Times run from T down to 0: a step of length dt goes from t to t - dt.
+  """
+
+  forward: SDE
+  score_fn: ScoreFn
+  probability_flow: bool = False
+
+  @property
+  def T(self) -> float:
+    return self.forward.T
+
+  @property
+  def N(self) -> int:
+    return self.forward.N
+
+  def _weight(self) -> float:
+    return 0.5 if self.probability_flow else 1.0
+
+  def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
+    """Reverse drift (like x) and diffusion (B,); the diffusion is 0 for the ODE."""
+    t = _time(t, x)
+    drift, diffusion = self.forward.sde(x, t)
+    drift = drift - batch_mul(diffusion**2 * self._weight(), self.score_fn(x, t))
+    return drift, jnp.zeros_like(diffusion) if self.probability_flow else diffusion
+
+  def discretize(self, x: Array, t: Array, dt: Array | float | None = None) -> tuple[Array, Array]:
+    """Reverse discretised step: x_{t-dt} = x_t - rev_f + rev_G z."""
+    t = _time(t, x)
+    f, G = self.forward.discretize(x, t, dt)
+    rev_f = f - batch_mul(G**2 * self._weight(), self.score_fn(x, t))
+    return rev_f, jnp.zeros_like(G) if self.probability_flow else G
+
+
+class _LinearBetaSDE(SDE):
+  """Shared by VP and subVP: beta(t) linear in t and log alpha_t = -int_0^t beta / 2."""
+
+  def __init__(self, beta_min: float, beta_max: float, N: int, discretization: str):
+    super().__init__(N, discretization)
+    if not 0 <= beta_min <= beta_max:
+      raise ValueError(f"Need 0 <= beta_min <= beta_max, got beta_min={beta_min}, beta_max={beta_max}.")
+    self.beta_0 = float(beta_min)
+    self.beta_1 = float(beta_max)
+
+  def beta(self, t: Array) -> Array:
+    return self.beta_0 + t * (self.beta_1 - self.beta_0)
+
+  def log_alpha(self, t: Array) -> Array:
+    return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+
+  def prior_sampling(self, key, shape):
+    return jax.random.normal(key, shape)
+
+  def prior_logp(self, z):
+    return _standard_normal_logp(z)
+
+
+class VPSDE(_LinearBetaSDE):
+  """Variance-preserving SDE (the continuous limit of DDPM)."""
+
+  def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000,
+               discretization: str = "grid"):
+    super().__init__(beta_min, beta_max, N, discretization)
+    # The original's DDPM table (also the noise levels of discretely trained VP models).
+    self.discrete_betas = np.linspace(beta_min / N, beta_max / N, N)
+    if discretization == "table" and self.discrete_betas.max() >= 1:
+      raise ValueError(
+          f"The DDPM table has beta_i = beta_max / N = {beta_max / N:g} >= 1 at N={N}, which makes "
+          f"the chain singular; use discretization='grid' (valid for every N) or N > {beta_max:g}.")
+    self.alphas = 1.0 - self.discrete_betas
+    self.alphas_cumprod = np.cumprod(self.alphas)
+    self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+    self.sqrt_1m_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+
+  def alpha_sigma(self, t):
+    log_alpha = self.log_alpha(t)
+    return jnp.exp(log_alpha), jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
+
+  def sde(self, x, t):
+    beta_t = self.beta(_time(t, x))
+    return batch_mul(-0.5 * beta_t, x), jnp.sqrt(beta_t)
+
+  def _table_levels(self, t):
+    i = jnp.clip(jnp.round(t * (self.N - 1)).astype(jnp.int32), 0, self.N - 1)
+    alphas_cumprod = jnp.asarray(self.alphas_cumprod, dtype=jnp.float32)
+    a = jnp.sqrt(jnp.asarray(self.alphas, dtype=jnp.float32)[i])
+    sigma_s = jnp.where(i > 0, jnp.sqrt(1.0 - alphas_cumprod[jnp.maximum(i - 1, 0)]), 0.0)
+    return a, sigma_s, jnp.sqrt(1.0 - alphas_cumprod[i])
+
+  def ancestral_step(self, x, t, score, dt=None):
+    if self.discretization == "table":  # The original's DDPM rule, with std sqrt(beta_i).
+      a, v = self.transition(_time(t, x), dt)
+      return batch_mul(1.0 / a, x + batch_mul(v, score)), jnp.sqrt(v)
+    return super().ancestral_step(x, t, score, dt)
+
+
+class SubVPSDE(_LinearBetaSDE):
+  """Sub-VP SDE: VP's drift with a smaller diffusion, so sigma_t = 1 - alpha_t^2."""
+
+  def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000,
+               discretization: str = "grid"):
+    super().__init__(beta_min, beta_max, N, discretization)
+
+  def alpha_sigma(self, t):
+    log_alpha = self.log_alpha(t)
+    return jnp.exp(log_alpha), -jnp.expm1(2.0 * log_alpha)
+
+  def sde(self, x, t):
+    t = _time(t, x)
+    beta_t = self.beta(t)
+    discount = -jnp.expm1(4.0 * self.log_alpha(t))  # 1 - exp(-2 beta_0 t - (beta_1 - beta_0) t^2)
+    return batch_mul(-0.5 * beta_t, x), jnp.sqrt(beta_t * discount)
+
+
+class VESDE(SDE):
+  """Variance-exploding SDE (the continuous limit of SMLD / NCSN)."""
+
+  def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000,
+               discretization: str = "grid"):
+    super().__init__(N, discretization)
+    if not 0 < sigma_min < sigma_max:
+      raise ValueError(f"Need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
+    self.sigma_min = float(sigma_min)
+    self.sigma_max = float(sigma_max)
+    # The original's SMLD table, ascending in t (also the levels of discretely trained VE models).
+    self.discrete_sigmas = np.exp(np.linspace(np.log(sigma_min), np.log(sigma_max), N))
+
+  def sigma(self, t: Array) -> Array:
+    return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+  def alpha_sigma(self, t):
+    return jnp.ones_like(t), self.sigma(t)
+
+  def sde(self, x, t):
+    sigma = self.sigma(_time(t, x))
+    return jnp.zeros_like(x), sigma * math.sqrt(2 * math.log(self.sigma_max / self.sigma_min))
+
+  def prior_sampling(self, key, shape):
+    return jax.random.normal(key, shape) * self.sigma_max
+
+  def prior_logp(self, z):
+    d = math.prod(z.shape[1:])
+    return _standard_normal_logp(z / self.sigma_max) - d * math.log(self.sigma_max)
+
+  def _table_levels(self, t):
+    i = jnp.clip(jnp.round(t * (self.N - 1)).astype(jnp.int32), 0, self.N - 1)
+    sigmas = jnp.asarray(self.discrete_sigmas, dtype=jnp.float32)
+    sigma_s = jnp.where(i > 0, sigmas[jnp.maximum(i - 1, 0)], 0.0)
+    return jnp.ones_like(sigma_s), sigma_s, sigmas[i]
+
+
+SDES = {"vpsde": VPSDE, "subvpsde": SubVPSDE, "vesde": VESDE}
+
+
+def get_sde(name: str, **kwargs) -> SDE:
+  """Builds an SDE by name (``vpsde``, ``subvpsde``, ``vesde``)."""
+  if name.lower() not in SDES:
+    raise ValueError(f"Unknown SDE {name!r}; valid choices: {sorted(SDES)}.")
+  return SDES[name.lower()](**kwargs)
