@@ -72,6 +72,8 @@ class SDE(abc.ABC):
       raise ValueError(f"N (the number of discretisation steps) must be a positive integer, got {N}.")
     if discretization not in _DISCRETIZATIONS:
       raise ValueError(f"Unknown discretization {discretization!r}; valid choices: {_DISCRETIZATIONS}.")
+    if discretization == "table" and type(self)._table_levels is SDE._table_levels:
+      raise ValueError(f"{type(self).__name__} has no fixed discretisation table; use discretization='grid'.")
     self.N = int(N)
     self.discretization = discretization
 
@@ -98,8 +100,8 @@ class SDE(abc.ABC):
   def prior_logp(self, z: Array) -> Array:
     """Natural-log density of the prior at ``z`` (B, ...); returns (B,)."""
 
-  def _table_levels(self, t: Array) -> tuple[Array, Array, Array]:
-    """(a, sigma_s, sigma_t) of the original's fixed table at index round(t (N - 1))."""
+  def _table_levels(self, t: Array) -> tuple[Array, Array, Array, Array]:
+    """(a, sigma_s, sigma_t, v) of the original's fixed table at index round(t (N - 1))."""
     raise ValueError(f"{type(self).__name__} has no fixed discretisation table; use discretization='grid'.")
 
   # --- derived ----------------------------------------------------------------------------------
@@ -109,7 +111,7 @@ class SDE(abc.ABC):
     alpha, sigma = self.alpha_sigma(_time(t, x))
     return batch_mul(alpha, x), sigma
 
-  def step_levels(self, t: Array, dt: Array | float | None = None) -> tuple[Array, Array, Array]:
+  def step_levels(self, t: Array, dt: Array | float | None = None) -> tuple[Array, Array, Array, Array]:
     """Noise levels of one step of the chain from s = t - dt to t.
 
     Args:
@@ -117,8 +119,9 @@ class SDE(abc.ABC):
       dt: positive step length (scalar or (B,)); defaults to T / N.
 
     Returns:
-      (a, sigma_s, sigma_t), each (B,): x_t = a x_s + sqrt(sigma_t^2 - a^2 sigma_s^2) z, with
-      a = alpha_t / alpha_s. A step that reaches s <= 0 lands on clean data (alpha = 1, sigma = 0).
+      (a, sigma_s, sigma_t, v), each (B,): x_t = a x_s + sqrt(v) z with a = alpha_t / alpha_s and
+      v = sigma_t^2 - a^2 sigma_s^2. A step that reaches s <= 0 lands on clean data (alpha = 1,
+      sigma = 0).
     """
     t = jnp.asarray(t)
     if self.discretization == "table":
@@ -129,12 +132,13 @@ class SDE(abc.ABC):
     alpha_s, sigma_s = self.alpha_sigma(jnp.maximum(s, 0.0))
     alpha_s = jnp.where(s > 0, alpha_s, 1.0)
     sigma_s = jnp.where(s > 0, sigma_s, 0.0)
-    return alpha_t / alpha_s, sigma_s, sigma_t
+    a = alpha_t / alpha_s
+    return a, sigma_s, sigma_t, jnp.maximum(sigma_t**2 - (a * sigma_s) ** 2, 0.0)
 
   def transition(self, t: Array, dt: Array | float | None = None) -> tuple[Array, Array]:
     """(a, v), each (B,): one step of the chain from t - dt to t is x_t = a x_s + sqrt(v) z."""
-    a, sigma_s, sigma_t = self.step_levels(t, dt)
-    return a, jnp.maximum(sigma_t**2 - (a * sigma_s) ** 2, 0.0)
+    a, _, _, v = self.step_levels(t, dt)
+    return a, v
 
   def discretize(self, x: Array, t: Array, dt: Array | float | None = None) -> tuple[Array, Array]:
     """Discretised forward step x_t = x_{t-dt} + f + G z.
@@ -169,8 +173,7 @@ class SDE(abc.ABC):
     Returns:
       x_mean shaped like x and std of shape (B,).
     """
-    a, sigma_s, sigma_t = self.step_levels(_time(t, x), dt)
-    v = jnp.maximum(sigma_t**2 - (a * sigma_s) ** 2, 0.0)
+    a, sigma_s, sigma_t, v = self.step_levels(_time(t, x), dt)
     x_mean = batch_mul(1.0 / a, x + batch_mul(v, score))
     std = jnp.sqrt(v) * sigma_s / jnp.maximum(sigma_t, jnp.finfo(x.dtype).tiny)
     return x_mean, std
@@ -276,10 +279,10 @@ class VPSDE(_LinearBetaSDE):
 
   def _table_levels(self, t):
     i = jnp.clip(jnp.round(t * (self.N - 1)).astype(jnp.int32), 0, self.N - 1)
-    alphas_cumprod = jnp.asarray(self.alphas_cumprod, dtype=jnp.float32)
-    a = jnp.sqrt(jnp.asarray(self.alphas, dtype=jnp.float32)[i])
-    sigma_s = jnp.where(i > 0, jnp.sqrt(1.0 - alphas_cumprod[jnp.maximum(i - 1, 0)]), 0.0)
-    return a, sigma_s, jnp.sqrt(1.0 - alphas_cumprod[i])
+    sqrt_1m = jnp.asarray(self.sqrt_1m_alphas_cumprod, dtype=jnp.float32)
+    a = jnp.asarray(np.sqrt(self.alphas), dtype=jnp.float32)[i]
+    sigma_s = jnp.where(i > 0, sqrt_1m[jnp.maximum(i - 1, 0)], 0.0)
+    return a, sigma_s, sqrt_1m[i], jnp.asarray(self.discrete_betas, dtype=jnp.float32)[i]
 
   def ancestral_step(self, x, t, score, dt=None):
     if self.discretization == "table":  # The original's DDPM rule, with std sqrt(beta_i).
@@ -340,7 +343,9 @@ class VESDE(SDE):
     i = jnp.clip(jnp.round(t * (self.N - 1)).astype(jnp.int32), 0, self.N - 1)
     sigmas = jnp.asarray(self.discrete_sigmas, dtype=jnp.float32)
     sigma_s = jnp.where(i > 0, sigmas[jnp.maximum(i - 1, 0)], 0.0)
-    return jnp.ones_like(sigma_s), sigma_s, sigmas[i]
+    prev = np.concatenate([[0.0], self.discrete_sigmas[:-1]])
+    v = jnp.asarray(self.discrete_sigmas**2 - prev**2, dtype=jnp.float32)[i]
+    return jnp.ones_like(sigma_s), sigma_s, sigmas[i], v
 
 
 SDES = {"vpsde": VPSDE, "subvpsde": SubVPSDE, "vesde": VESDE}

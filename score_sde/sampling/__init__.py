@@ -1,0 +1,42 @@
+"""Samplers that share one score function: predictor-corrector and probability-flow ODE.
+
+    sampler = get_sampler(sde, shape, method="pc", predictor="reverse_diffusion",
+                          corrector="langevin", snr=0.16, n_steps=1, ...)
+    samples, nfe = sampler(key, score_fn)
+
+Every sampler is compiled as one program. ``score_fn(x, t)`` may be any callable; arrays held
+in a pytree callable (for example ``jax.tree_util.Partial(apply_fn, params)``) are traced, so new
+parameters do not trigger a recompilation.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from score_sde import sde as sde_lib
+from score_sde.sampling import ode, pc
+from score_sde.sampling.correctors import CORRECTORS
+from score_sde.sampling.predictors import PREDICTORS
+
+# The sampler families by ``method`` name.
+METHODS: dict[str, Callable] = {
+    "pc": pc.get_pc_sampler,
+    "ode": ode.get_ode_sampler,
+}
+
+
+def get_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], method: str = "pc", **kwargs) -> Callable:
+  """Builds a sampler ``(key, score_fn, ...) -> (samples, nfe)`` for samples of ``shape`` (B, ...).
+
+  Args:
+    sde: the forward SDE the score function belongs to.
+    shape: the shape of one batch of samples, (B, ...).
+    method: one of ``METHODS``.
+    **kwargs: the method's options (see each builder); unknown options raise ``ValueError``.
+  """
+  if method not in METHODS:
+    raise ValueError(f"Unknown sampling method {method!r}; valid choices: {sorted(METHODS)}.")
+  return METHODS[method](sde, tuple(shape), **kwargs)
+
+
+__all__ = ["CORRECTORS", "METHODS", "PREDICTORS", "get_sampler"]
