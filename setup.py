@@ -29,8 +29,10 @@ setup(
         "numpy>=2.0,<3",
         "absl-py>=2.1,<3",
         "diffrax>=0.7.2,<0.8",
+        "equinox>=0.13,<0.14",
         "pillow>=10,<14",
         "scipy>=1.13,<2",
+        "scikit-learn>=1.3,<2",
     ],
     extras_require={
         "test": [

@@ -15,6 +15,7 @@ Shapes: x is (B, *event_shape) with prod(event_shape) = D; t is (B,) or a scalar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -26,6 +27,7 @@ from score_sde import sde as sde_lib
 Array = jax.Array
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class GaussianMixture:
   """A Gaussian mixture with precomputed eigendecompositions of its covariances.
@@ -36,13 +38,16 @@ class GaussianMixture:
     eigvals: (K, D) eigenvalues of each covariance.
     eigvecs: (K, D, D) eigenvectors of each covariance, as columns.
     event_shape: the shape of one example (prod = D).
+
+  The mixture is a pytree (its arrays are leaves, ``event_shape`` is static), so it can be passed
+  to jitted functions and held in a ``jax.tree_util.Partial``.
   """
 
   weights: Array
   means: Array
   eigvals: Array
   eigvecs: Array
-  event_shape: tuple[int, ...]
+  event_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
 
   @classmethod
   def create(cls, weights, means, covs, event_shape: tuple[int, ...] | None = None) -> "GaussianMixture":
@@ -136,8 +141,12 @@ class GaussianMixture:
     return -jnp.einsum("bk,bke->be", resp, per_component).reshape(x.shape)
 
   def score_fn(self, sde: sde_lib.SDE):
-    """The exact score as a ``score_fn(x, t)`` for samplers and likelihoods."""
-    return lambda x, t: self.score(x, t, sde)
+    """The exact score as a ``score_fn(x, t)`` for samplers and likelihoods.
+
+    It is a ``jax.tree_util.Partial`` holding the mixture's arrays as leaves, so jitted samplers
+    trace them rather than baking them in as constants.
+    """
+    return jax.tree_util.Partial(_score_of(sde), self)
 
   def sample(self, key: Array, n: int, t=None, sde: sde_lib.SDE | None = None) -> Array:
     """Exact samples of p_t (or of p_0 with ``sde=None``), (n, *event_shape)."""
@@ -157,3 +166,13 @@ class GaussianMixture:
     centred = self.means - mean
     cov = jnp.einsum("k,kij->ij", self.weights, self.covariances() + centred[:, :, None] * centred[:, None, :])
     return a * mean, a**2 * cov + s**2 * jnp.eye(self.dim)
+
+
+def _mixture_score(sde: sde_lib.SDE, mixture: GaussianMixture, x: Array, t: Array) -> Array:
+  return mixture.score(x, t, sde)
+
+
+@functools.lru_cache(maxsize=None)
+def _score_of(sde: sde_lib.SDE):
+  """One function object per SDE, so repeated ``score_fn(sde)`` calls reuse compiled programs."""
+  return functools.partial(_mixture_score, sde)

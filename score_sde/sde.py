@@ -31,7 +31,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,10 @@ import numpy as np
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
+"""``score_fn(x (B, ...), t (B,)) -> score (B, ...)``: an estimate of grad_x log p_t(x)."""
+ScoreFnBuilder = Callable[[Any, Array, bool], ScoreFn]
+"""``build_score_fn(params, key, train) -> score_fn``: a network turned into a score function; the
+losses differentiate through ``params`` (a pytree of arrays) and ``key`` feeds dropout."""
 
 _DISCRETIZATIONS = ("grid", "table")
 

@@ -1,0 +1,106 @@
+"""Every configuration key of the framework, with its default.
+
+Shipped configs start from ``get_default_configs()`` and override what they need; a key that is not
+declared here is an error when overridden from the command line (the config is locked). The names
+follow the original implementation's configs, so its files translate directly.
+"""
+
+import ml_collections
+
+
+def get_default_configs() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 42
+
+  # Training.
+  config.training = training = ml_collections.ConfigDict()
+  training.sde = "vpsde"                    # vpsde | subvpsde | vesde
+  training.continuous = True                # continuous-time DSM, or the discrete DDPM/SMLD losses
+  training.reduce_mean = False              # mean over dimensions, else 0.5 * sum (the original)
+  training.likelihood_weighting = False     # lambda(t) = g(t)^2 (Song et al. 2021b)
+  training.importance_weighting = False     # sample t from g^2/sigma^2 (needs likelihood_weighting)
+  training.batch_size = 128                 # global batch, over all devices and hosts
+  training.n_iters = 1_300_001
+  training.n_jitted_steps = 1               # optimiser steps per compiled call (lax.scan)
+  training.log_freq = 50
+  training.eval_freq = 100
+  training.snapshot_freq = 50_000           # regular checkpoints (kept by keep_checkpoints)
+  training.snapshot_freq_for_preemption = 10_000
+  training.keep_checkpoints = 0             # how many regular checkpoints to keep; 0 keeps all
+  training.snapshot_sampling = True         # sample (and plot) at every regular checkpoint
+  training.final_evaluation = False         # after training: samples, plots, held-out likelihood
+  training.eps = 1e-5                       # smallest time of the continuous losses
+
+  # Sampling.
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.method = "pc"                    # pc | ode
+  sampling.predictor = "euler_maruyama"
+  sampling.corrector = "none"
+  sampling.snr = 0.16
+  sampling.n_steps_each = 1
+  sampling.noise_removal = True
+  sampling.probability_flow = False
+  sampling.step_rule = "batch"              # Langevin step size: batch (the original) | per_sample
+  sampling.num_steps = 0                    # 0: model.num_scales
+  sampling.eps = 1e-3                       # final time (the original used 1e-3 for VP, 1e-5 for VE)
+  sampling.rtol = 1e-5                      # ODE sampler tolerances
+  sampling.atol = 1e-5
+  sampling.batch_size = 64                  # samples per snapshot / per sampling batch
+
+  # Evaluation.
+  config.eval = evaluate = ml_collections.ConfigDict()
+  evaluate.batch_size = 512
+  evaluate.enable_loss = True
+  evaluate.enable_bpd = False
+  evaluate.bpd_dataset = "test"
+  evaluate.num_samples = 512
+  evaluate.divergence = "rademacher"        # likelihood divergence: exact | rademacher | gaussian
+  evaluate.rtol = 1e-5
+  evaluate.atol = 1e-5
+  evaluate.eps = 1e-5
+
+  # Data.
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = "CIFAR10"
+  data.image_size = 32
+  data.num_channels = 3
+  data.random_flip = True
+  data.centered = False                     # scale to [-1, 1] instead of [0, 1]
+  data.uniform_dequantization = False
+  data.data_dir = ""                        # TFDS data directory ("" uses TFDS's default)
+  data.num_train = 0                        # toy data: number of training points (0: the default)
+
+  # Model.
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "unet"
+  model.sigma_min = 0.01
+  model.sigma_max = 50.0
+  model.num_scales = 1000
+  model.beta_min = 0.1
+  model.beta_max = 20.0
+  model.discretization = "grid"             # grid | table (the original's DDPM/SMLD tables)
+  model.ema_rate = 0.999
+  model.ema_warmup = False
+  model.dropout = 0.1
+  model.nf = 64
+  model.ch_mult = (1, 2, 2)
+  model.num_res_blocks = 2
+  model.attn_resolutions = (8,)
+  model.embedding_type = "fourier"          # fourier | positional
+  model.fourier_scale = 16.0
+  model.scale_by_sigma = False
+  model.conditional = True
+  model.hidden_dims = (256, 256, 256)       # mlp
+
+  # Optimisation.
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.optimizer = "Adam"
+  optim.lr = 2e-4
+  optim.beta1 = 0.9
+  optim.beta2 = 0.999
+  optim.eps = 1e-8
+  optim.weight_decay = 0.0
+  optim.warmup = 5000
+  optim.grad_clip = 1.0
+
+  return config

@@ -1,0 +1,551 @@
+"""Data: toy 2-D sets, embedded digits and TFDS images, through one grain pipeline; data scalers.
+
+    train_ds, eval_ds = datasets.get_dataset(config)            # config.data.*, training.*, seed
+    it = train_ds.make_iterator()                                # or make_iterator(saved_state)
+    batch = next(it)          # {"image": float32, "label": int32, "mask": bool}, numpy
+    saved_state = train_ds.iterator_state(it)                    # JSON-serialisable dict
+    x = datasets.get_data_scaler(config.data.centered)(batch["image"])
+
+Batches. Every dataset yields dicts of numpy arrays with the same three keys: ``"image"`` holds the
+data (images (..., H, W, C) float32 in [0, 1], i.e. uint8 / 255 like the original's
+``convert_image_dtype``, or toy points (..., 2) float32), ``"label"`` int32 (the class; for toy
+sets the discrete latent the generator drew, see ``TOY_DATASETS``), and ``"mask"`` bool (False
+only on padding). The leading axes are ``(n_jitted_steps, per_host_batch)`` when
+n_jitted_steps > 1, else ``(per_host_batch,)``; per_host_batch = global batch / process count.
+
+Two regimes. *Training* (``training=True``) is an infinite stream: each epoch a seeded global
+permutation of the split, ``random_flip`` and uniform dequantisation drawn per example and epoch
+from the seed, and host h of P taking positions h, h + P, ... of that stream. Global batch k is
+therefore the same set of examples whatever the number of hosts, and resuming is exact.
+*Evaluation* (``training=False``) is one ordered pass: host h reads examples h, h + P, ... and pads
+its last batch with ``mask=False`` examples so that every host yields ``num_batches`` full
+batches (same shapes for sharding); the masked-in examples of all hosts are every example of the
+split exactly once.
+
+Pipeline choice. The pipeline is a grain ``MapDataset`` of batch indices, ``range(...).map(batch
+k)``, turned into an ``IterDataset`` for threaded prefetch. Its iterator state is one integer,
+the index of the next element, so saving it is free and restoring it jumps straight there (no
+replay, unlike a ``DataLoader``'s sampler or a windowed ``IterDataset`` shuffle). Element k is
+built from index arithmetic in numpy (the stream positions it holds, then a gather), because
+grain's per-example transformations cost ~60 us per example in Python, which would make a toy
+batch of 512 points take 30 ms. ``Pipeline.iterator_state`` stores the position as examples
+consumed (with a fingerprint of the data), so a run may resume on a different number of hosts
+or with a different ``n_jitted_steps``.
+
+Sources. Toy sets are drawn once from fixed data seeds (like a real finite data set; the
+pipeline seed only orders and augments them). Digits are scikit-learn's 8x8 ``load_digits``
+(values 0..16 mapped to 0..255) with a fixed 1500 / 297 train / test split. TFDS sets are read
+with ``tfds.data_source`` (ArrayRecord; no TensorFlow in the training process; preparing a set
+needs TensorFlow once, see ``tfds_source``). Images whose size differs from ``image_size`` are
+resized with PIL (bilinear, antialiased when shrinking) on uint8, so they stay 8-bit and
+dequantisation and bits/dim stay meaningful (the original resized floats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+import zlib
+from typing import Any, Callable, Sequence
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import PIL.Image
+
+from score_sde import analytic
+
+Batch = dict[str, np.ndarray]
+
+_TOY_NUM_TRAIN = 100_000    # training points of a toy set when config.data.num_train is 0
+_TOY_NUM_TEST = 10_000
+_TOY_DATA_SEED = 20210101   # toy sets are fixed finite samples; split streams fold in 0 / 1
+_DIGITS_NUM_TEST = 297      # of 1797 digits; the split is a fixed permutation (seed 0)
+
+
+# --- Scalers ----------------------------------------------------------------------------------
+
+def get_data_scaler(centered: bool) -> Callable[[Any], Any]:
+  """Maps data in [0, 1] to [-1, 1] when ``centered``, else the identity; pure, works under jit."""
+  if centered:
+    return lambda x: x * 2.0 - 1.0
+  return lambda x: x
+
+
+def get_data_inverse_scaler(centered: bool) -> Callable[[Any], Any]:
+  """Inverse of ``get_data_scaler(centered)``; pure, works under jit."""
+  if centered:
+    return lambda x: (x + 1.0) / 2.0
+  return lambda x: x
+
+
+# --- Toy 2-D sets -----------------------------------------------------------------------------
+# Each generator maps (rng, n) to points (n, 2) float32 and labels (n,) int32.
+
+# Two Gaussian mixtures with closed-form densities (weights, means, covariances).
+_EIGHT_GAUSSIANS = (
+    np.full(8, 1 / 8),
+    np.sqrt(2.0) * np.stack([np.cos(np.arange(8) * np.pi / 4), np.sin(np.arange(8) * np.pi / 4)], 1),
+    np.tile(0.2**2 * np.eye(2), (8, 1, 1)),
+)
+_MIXTURE = (
+    np.array([0.45, 0.35, 0.2]),
+    np.array([[-1.0, -0.6], [1.0, 0.2], [0.0, 1.2]]),
+    np.array([[[0.3, 0.15], [0.15, 0.2]], [[0.15, -0.05], [-0.05, 0.4]], [[0.5, 0.0], [0.0, 0.05]]]),
+)
+
+
+def _sample_mixture(params: tuple[np.ndarray, np.ndarray, np.ndarray], rng: np.random.Generator,
+                    n: int) -> tuple[np.ndarray, np.ndarray]:
+  """Exact draws from sum_k w_k N(mu_k, Sigma_k); the label is the component k."""
+  weights, means, covs = params
+  k = rng.choice(len(weights), size=n, p=weights)
+  eps = rng.standard_normal((n, means.shape[1]))
+  x = means[k] + np.einsum("nij,nj->ni", np.linalg.cholesky(covs)[k], eps)
+  return x.astype(np.float32), k.astype(np.int32)
+
+
+def _checkerboard(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """Uniform on the 8 dark cells of a 4x4 board on [-2, 2]^2 (std 1.15); label: the cell."""
+  cell = rng.integers(0, 8, size=n)
+  row = cell // 2
+  col = 2 * (cell % 2) + row % 2
+  x = np.stack([col, row], 1) - 2.0 + rng.random((n, 2))
+  return x.astype(np.float32), cell.astype(np.int32)
+
+
+def _swissroll(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """(t cos t, t sin t) / 7, t ~ U[1.5 pi, 4.5 pi], noise std 0.5 / 7 (std ~0.97); label 0."""
+  t = 1.5 * np.pi * (1.0 + 2.0 * rng.random(n))
+  x = np.stack([t * np.cos(t), t * np.sin(t)], 1) + 0.5 * rng.standard_normal((n, 2))
+  return (x / 7.0).astype(np.float32), np.zeros(n, np.int32)
+
+
+def _twomoons(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """Two interleaved half circles, noise std 0.1, centred and scaled by 1.25 (std ~1.1, ~0.6)."""
+  moon = rng.integers(0, 2, size=n)
+  theta = np.pi * rng.random(n)
+  upper = np.stack([np.cos(theta), np.sin(theta)], 1)
+  lower = np.stack([1.0 - np.cos(theta), 0.5 - np.sin(theta)], 1)
+  x = np.where(moon[:, None] == 0, upper, lower) + 0.1 * rng.standard_normal((n, 2))
+  return (1.25 * (x - [0.5, 0.25])).astype(np.float32), moon.astype(np.int32)
+
+
+# Toy sets by name: (rng, n) -> (points (n, 2) float32, labels (n,) int32).
+TOY_DATASETS: dict[str, Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]] = {
+    "checkerboard": _checkerboard,
+    "8gaussians": functools.partial(_sample_mixture, _EIGHT_GAUSSIANS),  # radius sqrt 2, std 0.2
+    "swissroll": _swissroll,
+    "twomoons": _twomoons,
+    "mixture": functools.partial(_sample_mixture, _MIXTURE),  # 3 anisotropic components
+}
+
+# Toy sets whose density is known exactly.
+_TOY_DENSITIES = {"8gaussians": _EIGHT_GAUSSIANS, "mixture": _MIXTURE}
+
+
+def sample_toy(name: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """``n`` points (n, 2) float32 and labels (n,) int32 of the toy set ``name``, fixed by ``seed``."""
+  if name not in TOY_DATASETS:
+    raise ValueError(f"Unknown toy data set {name!r}; valid choices: {sorted(TOY_DATASETS)}.")
+  return TOY_DATASETS[name](np.random.default_rng(seed), n)
+
+
+def toy_density(name: str) -> analytic.GaussianMixture:
+  """The exact density of the toy set ``name`` as a ``GaussianMixture`` (its ``log_prob`` is in nats)."""
+  if name not in _TOY_DENSITIES:
+    raise ValueError(f"The toy set {name!r} has no closed-form density; these do: {sorted(_TOY_DENSITIES)}.")
+  return analytic.GaussianMixture.create(*_TOY_DENSITIES[name])
+
+
+# --- Sources: random-access sequences of {"image": ..., "label": ...} -------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArraySource:
+  """An in-memory source: ``images`` (N, ...) (uint8 images or float points), ``labels`` (N,)."""
+
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __post_init__(self):
+    if len(self.images) != len(self.labels):
+      raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels.")
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {"image": self.images[index], "label": self.labels[index]}
+
+
+def _check_split(split: str) -> None:
+  if split not in ("train", "test"):
+    raise ValueError(f"Unknown split {split!r}; valid choices: ['test', 'train'].")
+
+
+def toy_source(name: str, split: str, num_train: int = 0) -> ArraySource:
+  """The fixed training (``num_train`` points, 0: 100,000) or held-out (10,000 points) toy set.
+
+  The two splits come from independent streams of a fixed data seed, so they are disjoint.
+  """
+  _check_split(split)
+  if name not in TOY_DATASETS:
+    raise ValueError(f"Unknown toy data set {name!r}; valid choices: {sorted(TOY_DATASETS)}.")
+  if num_train < 0:
+    raise ValueError(f"num_train must be non-negative (0: {_TOY_NUM_TRAIN}), got {num_train}.")
+  n = (num_train or _TOY_NUM_TRAIN) if split == "train" else _TOY_NUM_TEST
+  rng = np.random.default_rng([_TOY_DATA_SEED, 0 if split == "train" else 1])
+  return ArraySource(*TOY_DATASETS[name](rng, n))
+
+
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+  # Imported here: scikit-learn takes seconds to import and only the digits need it.
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  digits = sk_datasets.load_digits()
+  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  return images, digits.target.astype(np.int32)
+
+
+def digits_source(split: str) -> ArraySource:
+  """scikit-learn's 8x8 handwritten digits as uint8 (N, 8, 8, 1) in 0..255, classes 0..9.
+
+  A fixed permutation (seed 0) puts 297 of the 1797 digits in ``"test"``, the rest in ``"train"``.
+  """
+  _check_split(split)
+  images, labels = _digits()
+  order = np.random.default_rng(0).permutation(len(images))
+  index = order[:_DIGITS_NUM_TEST] if split == "test" else order[_DIGITS_NUM_TEST:]
+  return ArraySource(images[index], labels[index])
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None) -> Sequence[dict[str, Any]]:
+  """A TFDS data set prepared as ArrayRecord, read with ``tfds.data_source`` (no TensorFlow).
+
+  Raises:
+    FileNotFoundError: when the set is not prepared in ``data_dir``, saying how to prepare it.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (only TFDS sets need it)
+  data_dir = data_dir or None
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():
+      raise
+    root = data_dir or tfds.core.constants.DATA_DIR
+    raise FileNotFoundError(
+        f"The TFDS data set {name!r} (split {split!r}) is not prepared in data_dir={root!r}. "
+        f"Prepare it once, outside training, in an environment with TensorFlow: "
+        f"`pip install tensorflow tensorflow-datasets && tfds build {name} --data_dir={root} "
+        f"--file_format=array_record`; then train with --config.data.data_dir={root} "
+        f"(TensorFlow is not needed for training).") from e
+
+
+# Image sets by name (lower case): (split, data_dir) -> source of uint8 (H, W, C) images.
+IMAGE_DATASETS: dict[str, Callable[[str, str | None], Sequence[dict[str, Any]]]] = {
+    "digits": lambda split, data_dir: digits_source(split),
+    "cifar10": functools.partial(tfds_source, "cifar10"),
+}
+
+
+# --- Pipeline ---------------------------------------------------------------------------------
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+  """Bilinear resize (antialiased when shrinking) of a uint8 (H, W, C) image to (size, size, C)."""
+  channels = [PIL.Image.fromarray(image[..., c]).resize((size, size), PIL.Image.Resampling.BILINEAR)
+              for c in range(image.shape[-1])]
+  return np.stack([np.asarray(c) for c in channels], -1)
+
+
+def _read(source: Sequence[dict[str, Any]], ids: np.ndarray,
+          image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+  """Examples ``ids`` (M,) of ``source`` as data (M, ...) float32 ([0, 1] for uint8 images) and labels."""
+  if isinstance(source, ArraySource):
+    images, labels = source.images[ids], source.labels[ids]
+  else:
+    examples = [source[int(i)] for i in ids]
+    images = [np.asarray(example["image"]) for example in examples]
+    labels = np.array([example["label"] for example in examples])
+  if images[0].dtype != np.uint8:
+    return np.asarray(images, np.float32), labels.astype(np.int32)
+  if image_size is not None:
+    images = [image if image.shape[:2] == (image_size, image_size) else _resize(image, image_size)
+              for image in images]
+  return np.stack(images).astype(np.float32) / 255.0, labels.astype(np.int32)
+
+
+def _augment(image: np.ndarray, rng: np.random.Generator, random_flip: bool, dequantize: bool) -> np.ndarray:
+  """Horizontal flip with probability 1/2 and uniform dequantisation (x 255 + U[0, 1)) / 256."""
+  if rng.random() < 0.5 and random_flip:  # the coin is always drawn: flips do not depend on dequantize
+    image = image[:, ::-1]
+  if dequantize:  # round: undo the float error of uint8 / 255 before adding the noise
+    image = (np.round(image * 255.0) + rng.random(image.shape, dtype=np.float32)) / 256.0
+  return image
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The order of the ``n`` examples in ``epoch`` of a training stream."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batches:
+  """Element k of a pipeline: ``n_jitted_steps`` batches of ``per_host`` examples, read and augmented.
+
+  Training: host h's batch i holds the global stream positions i B + h + P j (j < B / P), where
+  position p is example perm_e[p mod N] of epoch e = p div N. Evaluation: host h's batch i holds its
+  shard's positions i b + j, i.e. examples h + P (i b + j), padding past the end of the split.
+  """
+
+  source: Sequence[dict[str, Any]]
+  element_shape: tuple[int, ...]
+  training: bool
+  per_host: int
+  n_jitted_steps: int
+  process_index: int
+  process_count: int
+  image_size: int | None
+  random_flip: bool
+  dequantize: bool
+  shuffle_seed: int
+  augment_seed: int
+
+  def __call__(self, k: int) -> Batch:
+    n, h, p = len(self.source), self.process_index, self.process_count
+    step = k * self.n_jitted_steps + np.arange(self.n_jitted_steps)[:, None]
+    j = np.arange(self.per_host)[None, :]
+    if self.training:
+      epoch, offset = np.divmod(step * self.per_host * p + h + p * j, n)
+      ids = np.empty_like(offset)
+      for e in np.unique(epoch):
+        ids[epoch == e] = _permutation(self.shuffle_seed, int(e), n)[offset[epoch == e]]
+      mask = np.ones(ids.shape, bool)
+    else:
+      epoch, ids = np.zeros_like(j + step), h + p * (step * self.per_host + j)
+      mask = ids < n
+    data = np.zeros(ids.shape + self.element_shape, np.float32)
+    label = np.zeros(ids.shape, np.int32)
+    if mask.any():
+      images, labels = _read(self.source, ids[mask], self.image_size)
+      if self.random_flip or self.dequantize:
+        # Keyed by (example, epoch): the same draw whatever the batch size or number of hosts.
+        for i, (example, e) in enumerate(zip(ids[mask], epoch[mask])):
+          key = (self.augment_seed << 96) + (int(example) << 32) + int(e)
+          rng = np.random.Generator(np.random.PCG64(key))
+          images[i] = _augment(images[i], rng, self.random_flip, self.dequantize)
+      data[mask], label[mask] = images, labels
+    if self.n_jitted_steps == 1:
+      data, label, mask = data[0], label[0], mask[0]
+    return {"image": data, "label": label, "mask": mask}
+
+
+def _per_host(batch_size: int, process_count: int, what: str) -> int:
+  if batch_size <= 0 or batch_size % process_count:
+    lower = max(process_count, batch_size // process_count * process_count)
+    raise ValueError(f"{what}={batch_size} is not divisible by the number of processes ({process_count}); "
+                     f"each host reads {what} / processes examples. Use a multiple of {process_count}, "
+                     f"e.g. {lower} or {lower + process_count}.")
+  return batch_size // process_count
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pipeline:
+  """One split's batches for this host, with what the training loop needs to know about them.
+
+  Attributes:
+    dataset: the grain ``IterDataset``; ``make_iterator`` iterates it.
+    name: the split, e.g. ``"cifar10/train"``.
+    num_examples: examples in the split (all hosts).
+    training: an infinite shuffled stream, or one ordered, padded pass.
+    batch_size: the global batch; per_host_batch_size = batch_size / process_count.
+    per_host_batch_size: rows this host contributes to each batch.
+    n_jitted_steps: batches stacked on a leading axis per element (1: no extra axis).
+    num_batches: elements one pass yields on every host (None when training).
+    element_shape: one example's data, (H, W, C) or (2,).
+    eight_bit: 8-bit images, where dequantisation and bits/dim apply.
+    density: the exact density of a toy set that has one, else None.
+    seed: the pipeline seed.
+    process_count: hosts sharing the split.
+  """
+
+  dataset: grain.IterDataset
+  name: str
+  num_examples: int
+  training: bool
+  batch_size: int
+  per_host_batch_size: int
+  n_jitted_steps: int
+  num_batches: int | None
+  element_shape: tuple[int, ...]
+  eight_bit: bool
+  density: analytic.GaussianMixture | None
+  seed: int
+  process_count: int
+
+  def _fingerprint(self) -> dict[str, Any]:
+    fingerprint = {"name": self.name, "num_examples": self.num_examples, "seed": self.seed,
+                   "training": self.training}
+    if not self.training:  # positions in a padded pass depend on the sharding
+      fingerprint.update(batch_size=self.batch_size, n_jitted_steps=self.n_jitted_steps,
+                         process_count=self.process_count)
+    return fingerprint
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return self.make_iterator()
+
+  def make_iterator(self, state: dict[str, Any] | None = None) -> grain.DatasetIterator:
+    """A fresh iterator, or one that resumes from ``iterator_state``'s output."""
+    iterator = iter(self.dataset)
+    if state is not None:
+      if state.get("pipeline") != self._fingerprint():
+        raise ValueError(f"The saved data-iterator state is for {state.get('pipeline')}, but this pipeline "
+                         f"is {self._fingerprint()}; resume with the same data set, seed and split, or start "
+                         f"the data stream afresh by not restoring its state.")
+      position = int(state["position"])
+      per_element = self.n_jitted_steps * self.batch_size if self.training else 1
+      if position % per_element:
+        raise ValueError(f"The saved state is {position} examples into the stream, not a multiple of "
+                         f"n_jitted_steps * batch_size = {per_element}; resume with a batch size and "
+                         f"n_jitted_steps whose product divides {position}.")
+      iterator.set_state({"next_index": position // per_element})
+    return iterator
+
+  def iterator_state(self, iterator: grain.DatasetIterator) -> dict[str, Any]:
+    """A JSON-serialisable snapshot of ``iterator``'s position (save it with the checkpoint).
+
+    Training streams store the global number of examples consumed, so the state restores on any
+    number of hosts and with any batch size and ``n_jitted_steps`` whose product divides it.
+    """
+    index = int(iterator.get_state()["next_index"])
+    per_element = self.n_jitted_steps * self.batch_size if self.training else 1
+    return {"position": index * per_element, "pipeline": self._fingerprint()}
+
+
+def build_pipeline(source: Sequence[dict[str, Any]], *, name: str, batch_size: int, training: bool,
+                   seed: int, image_size: int | None = None, random_flip: bool = False,
+                   uniform_dequantization: bool = False, n_jitted_steps: int = 1,
+                   process_index: int | None = None, process_count: int | None = None,
+                   density: analytic.GaussianMixture | None = None,
+                   read_options: grain.ReadOptions | None = None) -> Pipeline:
+  """Batches of ``source`` for this host (see the module docstring for the two regimes).
+
+  Args:
+    source: random-access examples {"image": uint8 (H, W, C) or float (D,), "label": int}.
+    name: names the split in saved iterator states and salts the seed, e.g. "cifar10/train".
+    batch_size: the global batch, over all hosts.
+    training: an infinite shuffled stream, else one ordered pass padded with ``mask=False``.
+    seed: orders and augments the examples (with ``name``).
+    image_size: resize uint8 images to (image_size, image_size); None keeps their size.
+    random_flip: flip images horizontally with probability 1/2.
+    uniform_dequantization: (x 255 + U[0, 1)) / 256 on 8-bit images.
+    n_jitted_steps: stack this many batches per element on a leading axis (when > 1).
+    process_index: this host (default ``jax.process_index()``).
+    process_count: hosts (default ``jax.process_count()``).
+    density: the exact density of the data, if known, recorded on the pipeline.
+    read_options: grain's threads and prefetch buffer (in elements); default 4 threads, 8 elements.
+
+  Returns:
+    A ``Pipeline`` whose elements are ``{"image", "label", "mask"}`` batches of numpy arrays.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must lie in [0, {process_count}), got {process_index}.")
+  if n_jitted_steps < 1:
+    raise ValueError(f"n_jitted_steps must be a positive integer, got {n_jitted_steps}.")
+  per_host = _per_host(batch_size, process_count, "batch_size")
+  if len(source) == 0:
+    raise ValueError(f"The source of {name} has no examples.")
+  eight_bit = np.asarray(source[0]["image"]).dtype == np.uint8
+  if (random_flip or uniform_dequantization) and not eight_bit:
+    raise ValueError(f"{name} is not a set of 8-bit images, so random_flip and uniform_dequantization do "
+                     f"not apply; set config.data.random_flip=False and "
+                     f"config.data.uniform_dequantization=False.")
+  shuffle_seed, augment_seed = (int(s) for s in
+                                np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(2))
+  element_shape = _read(source, np.zeros(1, int), image_size)[0].shape[1:]
+  batches = _Batches(
+      source=source, element_shape=element_shape, training=training, per_host=per_host,
+      n_jitted_steps=n_jitted_steps, process_index=process_index, process_count=process_count,
+      image_size=image_size, random_flip=random_flip, dequantize=uniform_dequantization,
+      shuffle_seed=shuffle_seed, augment_seed=augment_seed)
+  if training:
+    num_batches = None
+    elements = grain.MapDataset.range(sys.maxsize)
+  else:  # every host yields the same number of elements, padding its shard
+    num_batches = math.ceil(math.ceil(len(source) / process_count) / (per_host * n_jitted_steps))
+    elements = grain.MapDataset.range(num_batches)
+  read_options = read_options or grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
+  return Pipeline(
+      dataset=elements.map(batches).to_iter_dataset(read_options), name=name, num_examples=len(source),
+      training=training, batch_size=batch_size, per_host_batch_size=per_host, n_jitted_steps=n_jitted_steps,
+      num_batches=num_batches, element_shape=element_shape, eight_bit=eight_bit, density=density, seed=seed,
+      process_count=process_count)
+
+
+# --- From a config ----------------------------------------------------------------------------
+
+def get_dataset(config: ml_collections.ConfigDict, *, evaluation: bool = False,
+                uniform_dequantization: bool | None = None, seed: int | None = None,
+                process_index: int | None = None, process_count: int | None = None
+                ) -> tuple[Pipeline, Pipeline]:
+  """The training and held-out pipelines of ``config.data.dataset``.
+
+  With ``evaluation=False`` both are training streams (infinite, shuffled) of
+  ``config.training.batch_size`` stacked ``config.training.n_jitted_steps`` deep: the train split
+  with ``config.data.random_flip``, and the test split unflipped for the periodic eval loss. With
+  ``evaluation=True`` both splits are one ordered, padded pass of ``config.eval.batch_size``
+  (no flip, no stacking) for the full-data loss and bits/dim. ``image_size`` and ``num_channels``
+  apply to image sets; toy sets need ``random_flip`` and ``uniform_dequantization`` off.
+
+  Args:
+    config: reads ``data.{dataset, image_size, num_channels, random_flip, uniform_dequantization,
+      data_dir, num_train}``, ``training.{batch_size, n_jitted_steps}``, ``eval.batch_size``, ``seed``.
+    evaluation: the evaluation regime above.
+    uniform_dequantization: overrides ``config.data.uniform_dequantization`` (bits/dim needs True).
+    seed: overrides ``config.seed`` (e.g. a fresh dequantisation per bits/dim round).
+    process_index: this host (default ``jax.process_index()``).
+    process_count: hosts (default ``jax.process_count()``).
+
+  Returns:
+    (train, eval) pipelines.
+  """
+  data = config.data
+  name = data.dataset.lower()
+  seed = config.seed if seed is None else seed
+  dequantize = data.uniform_dequantization if uniform_dequantization is None else uniform_dequantization
+  process_count = jax.process_count() if process_count is None else process_count
+  if evaluation:
+    batch_size, n_jitted = config.eval.batch_size, 1
+    _per_host(batch_size, process_count, "config.eval.batch_size")
+  else:
+    batch_size, n_jitted = config.training.batch_size, config.training.n_jitted_steps
+    _per_host(batch_size, process_count, "config.training.batch_size")
+
+  if name in TOY_DATASETS:
+    sources = {split: toy_source(name, split, data.num_train) for split in ("train", "test")}
+    image_size = None
+    density = toy_density(name) if name in _TOY_DENSITIES else None
+  elif name in IMAGE_DATASETS:
+    sources = {split: IMAGE_DATASETS[name](split, data.data_dir) for split in ("train", "test")}
+    image_size, density = data.image_size, None
+    channels = np.asarray(sources["train"][0]["image"]).shape[-1]
+    if channels != data.num_channels:
+      raise ValueError(f"{data.dataset} images have {channels} channel(s); set "
+                       f"config.data.num_channels={channels}.")
+  else:
+    raise ValueError(f"Unknown data set {data.dataset!r}; valid choices (case-insensitive): "
+                     f"{sorted(TOY_DATASETS) + sorted(IMAGE_DATASETS)}. Set config.data.dataset.")
+
+  build = functools.partial(
+      build_pipeline, batch_size=batch_size, training=not evaluation, seed=seed, image_size=image_size,
+      uniform_dequantization=dequantize, n_jitted_steps=n_jitted, process_index=process_index,
+      process_count=process_count, density=density)
+  train = build(sources["train"], name=f"{name}/train", random_flip=data.random_flip and not evaluation)
+  held_out = build(sources["test"], name=f"{name}/test")
+  return train, held_out

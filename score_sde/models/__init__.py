@@ -1,0 +1,55 @@
+"""Score networks by name, built from a config.
+
+    model = models.get_model(config)          # a flax.linen.Module
+    out = model.apply(variables, x, labels, train=False)   # shaped like x
+
+Every network takes x (B, ...) (NHWC for images, (B, D) for vectors) and float labels (B,), and
+returns an array shaped like x; ``train=True`` enables dropout (pass ``rngs={"dropout": key}``).
+What the labels mean and how the output becomes a score is ``models.wrapper``'s business.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import ml_collections
+
+from score_sde.models import mlp, unet
+
+# Networks by ``config.model.name``.
+MODELS: dict[str, type[nn.Module]] = {
+    "mlp": mlp.MLP,
+    "unet": unet.UNet,
+}
+
+# Constructor arguments taken from ``config.data`` (all others come from ``config.model``).
+_DATA_FIELDS = ("centered",)
+
+
+def get_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """Builds the network named ``config.model.name``.
+
+  The config stops here: every constructor argument of the network that has a key of the same
+  name in ``config.model`` (or, for ``centered``, in ``config.data``) is passed explicitly;
+  arguments without a key keep the network's default. Sequences become tuples, so the module
+  hashes (score functions use it as a static argument of jitted samplers).
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  name = config.model.name.lower()
+  if name not in MODELS:
+    raise ValueError(f"Unknown model {config.model.name!r}; valid choices: {sorted(MODELS)}. Set "
+                     f"config.model.name to one of them.")
+  cls = MODELS[name]
+  kwargs = {}
+  for field in dataclasses.fields(cls):
+    section = config.data if field.name in _DATA_FIELDS else config.model
+    if field.name not in ("parent", "name") and field.name in section:
+      value = section[field.name]
+      kwargs[field.name] = tuple(value) if isinstance(value, (list, tuple)) else value
+  return cls(**kwargs)
+
+
+__all__ = ["MODELS", "get_model"]

@@ -1,0 +1,284 @@
+"""Data sets and the grain pipeline: exact densities, determinism, sharding, coverage, resuming."""
+
+import importlib.abc
+import json
+import sys
+
+import jax
+import numpy as np
+import PIL.Image
+import pytest
+import tensorflow_datasets as tfds
+
+from sklearn.datasets import load_digits
+
+from configs import default
+from score_sde import datasets
+from tests import stats
+
+
+def _ids(n):
+  """A source whose example i is the point (i,) with label i, so batches show which examples they hold."""
+  return datasets.ArraySource(np.arange(n, dtype=np.float32)[:, None], np.arange(n, dtype=np.int32))
+
+
+def _take(iterator, k):
+  return [next(iterator) for _ in range(k)]
+
+
+def _config(dataset, **data):
+  config = default.get_default_configs()
+  config.data.dataset = dataset
+  config.data.update(data)
+  return config
+
+
+def _mock_cifar(n):
+  return tfds.testing.mock_data(num_examples=n, policy=tfds.testing.MockPolicy.USE_CODE)
+
+
+class _TensorFlowImportSpy(importlib.abc.MetaPathFinder):
+  """Records every attempt to import tensorflow, whether or not it is installed."""
+
+  def __init__(self):
+    self.attempts = []
+
+  def find_spec(self, fullname, path, target=None):
+    if fullname.split(".")[0] == "tensorflow":
+      self.attempts.append(fullname)
+    return None
+
+
+class TinyImages(tfds.core.GeneratorBasedBuilder):
+  """A CIFAR-shaped TFDS set written as real ArrayRecord files without TensorFlow."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  code_path = None  # no checksums file to look up (its look-up needs the importlib_resources backport)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(32, 32, 3)), "label": tfds.features.ClassLabel(num_classes=10)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(0, 20), "test": self._generate_examples(1, 6)}
+
+  def _generate_examples(self, seed, n):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+      image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+      yield i, {"image": PIL.Image.fromarray(image), "label": i % 10}
+
+
+# --- Toy sets ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(datasets.TOY_DATASETS))
+def test_toy_sets_are_deterministic_unit_scale_points(name):
+  x, labels = datasets.sample_toy(name, 2000, seed=0)
+  assert x.shape == (2000, 2) and x.dtype == np.float32
+  assert labels.shape == (2000,) and labels.dtype == np.int32
+  np.testing.assert_array_equal(x, datasets.sample_toy(name, 2000, seed=0)[0])
+  assert not np.allclose(x, datasets.sample_toy(name, 2000, seed=1)[0])
+  assert np.all((x.std(0) > 0.4) & (x.std(0) < 1.5)) and np.all(np.abs(x.mean(0)) < 0.5)
+
+
+def test_toy_splits_are_fixed_disjoint_and_sized():
+  train = datasets.toy_source("twomoons", "train", num_train=500)
+  test = datasets.toy_source("twomoons", "test")
+  assert len(train) == 500 and len(test) == 10_000
+  assert len(datasets.toy_source("twomoons", "train")) == 100_000  # the default
+  np.testing.assert_array_equal(train.images, datasets.toy_source("twomoons", "train", num_train=500).images)
+  assert not set(map(tuple, train.images)) & set(map(tuple, test.images))
+
+
+@pytest.mark.parametrize("name", ["mixture", "8gaussians"])
+def test_exact_density_is_the_one_the_points_are_drawn_from(name):
+  density = datasets.toy_density(name)
+  n = 1000
+  drawn = datasets.sample_toy(name, n, seed=3)[0]
+  exact = np.asarray(density.sample(jax.random.key(0), n))
+  # Two-sample energy distance within the 99% quantile of exact-vs-exact draws.
+  threshold = stats.null_threshold(lambda key, m: density.sample(key, m), n, reps=20)
+  assert float(stats.energy_distance(drawn, exact)) < threshold
+  # Mean log-density of the drawn points agrees with that of exact draws (a cross-entropy check).
+  gap, se = stats.mean_logp_gap(density.log_prob, drawn, exact)
+  assert abs(gap) < 4 * se
+
+
+# --- Embedded digits --------------------------------------------------------------------------
+
+def test_digits_split_range_and_pipeline():
+  train, test = datasets.digits_source("train"), datasets.digits_source("test")
+  assert len(train) == 1500 and len(test) == 297
+  assert train.images.shape[1:] == (8, 8, 1) and train.images.dtype == np.uint8
+  assert train.images.max() == 255 and train.images.min() == 0
+  assert len(np.unique(train.images)) == 17 and set(np.unique(train.labels)) == set(range(10))
+  # The split partitions scikit-learn's 1797 digits (values 0..16 scaled to 0..255).
+  digits = load_digits()
+  images = np.round(digits.images * 255 / 16).astype(np.uint8)
+  full = sorted(image.tobytes() + bytes([c]) for image, c in zip(images, digits.target))
+  parts = sorted(image.tobytes() + bytes([c])
+                 for split in (train, test) for image, c in zip(split.images, split.labels))
+  assert parts == full
+  train_ds, eval_ds = datasets.get_dataset(_config("digits", num_channels=1, image_size=16), evaluation=True)
+  batch = next(eval_ds.make_iterator())
+  assert batch["image"].shape == (512, 16, 16, 1) and batch["image"].dtype == np.float32
+  assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0 and eval_ds.eight_bit
+  assert eval_ds.num_batches == 1 and batch["mask"].sum() == 297 and train_ds.num_batches == 3
+
+
+# --- TFDS images ------------------------------------------------------------------------------
+
+def test_cifar10_through_mock_data_resize_flip_dequantise_and_scale():
+  config = _config("CIFAR10", image_size=16)
+  config.training.batch_size = 8
+  config.training.n_jitted_steps = 2
+  with _mock_cifar(40):
+    source = tfds.data_source("cifar10", split="train")
+    # Evaluation order is the source order: check the resize against PIL on whole RGB images.
+    _, eval_ds = datasets.get_dataset(config, evaluation=True)
+    batch = next(eval_ds.make_iterator())
+    assert batch["mask"].sum() == 40 and not batch["mask"][40:].any()
+    expected = [PIL.Image.fromarray(source[i]["image"]).resize((16, 16), PIL.Image.Resampling.BILINEAR)
+                for i in range(40)]
+    np.testing.assert_array_equal(np.round(batch["image"][:40] * 255).astype(np.uint8),
+                                  np.stack([np.asarray(image) for image in expected]))
+    # Training streams that differ only in flip / dequantisation see the same examples in the same order.
+    streams = {}
+    for flip, dequantize in [(False, False), (True, False), (True, True)]:
+      config.data.random_flip = flip
+      train_ds, _ = datasets.get_dataset(config, uniform_dequantization=dequantize)
+      streams[flip, dequantize] = np.stack([b["image"] for b in _take(train_ds.make_iterator(), 3)])
+  plain, flipped, dequantized = streams[False, False], streams[True, False], streams[True, True]
+  assert plain.shape == (3, 2, 8, 16, 16, 3) and train_ds.n_jitted_steps == 2
+  plain, flipped, dequantized = (a.reshape(-1, 16, 16, 3) for a in (plain, flipped, dequantized))
+  same = np.all(flipped == plain, axis=(1, 2, 3))
+  mirrored = np.all(flipped == plain[:, :, ::-1], axis=(1, 2, 3))
+  assert np.all(same | mirrored) and same.any() and mirrored.any()
+  # Dequantised x = (k + u) / 256 with k the 8-bit value and u ~ U[0, 1).
+  u = dequantized * 256 - np.round(flipped * 255)
+  assert -1e-3 <= u.min() and u.max() <= 1 + 1e-3 and abs(u.mean() - 0.5) < 0.02
+  # Scaling to [-1, 1] and back, under jit.
+  scaler, inverse = datasets.get_data_scaler(True), datasets.get_data_inverse_scaler(True)
+  np.testing.assert_allclose(jax.jit(scaler)(np.array([0.0, 0.25, 1.0])), [-1.0, -0.5, 1.0])
+  np.testing.assert_allclose(jax.jit(inverse)(jax.jit(scaler)(plain)), plain, atol=1e-6)
+  np.testing.assert_array_equal(datasets.get_data_scaler(False)(plain), plain)
+  np.testing.assert_array_equal(datasets.get_data_inverse_scaler(False)(plain), plain)
+
+
+def test_no_tensorflow_while_reading_a_real_array_record_set(tmp_path):
+  TinyImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  spy = _TensorFlowImportSpy()
+  sys.meta_path.insert(0, spy)
+  try:
+    sources = {s: datasets.tfds_source("tiny_images", s, str(tmp_path)) for s in ("train", "test")}
+    pipelines = {s: datasets.build_pipeline(src, name=s, batch_size=4, training=False, seed=0, image_size=8,
+                                            random_flip=True, uniform_dequantization=True, process_count=1,
+                                            process_index=0) for s, src in sources.items()}
+    batches = {s: list(p.make_iterator()) for s, p in pipelines.items()}
+  finally:
+    sys.meta_path.remove(spy)
+  assert not spy.attempts and "tensorflow" not in sys.modules
+  assert [len(batches["train"]), len(batches["test"])] == [5, 2]
+  assert batches["train"][0]["image"].shape == (4, 8, 8, 3)
+  assert sum(b["mask"].sum() for b in batches["test"]) == 6
+  train_images = {example["image"].tobytes() for example in sources["train"]}
+  assert not train_images & {example["image"].tobytes() for example in sources["test"]}
+
+
+def test_missing_tfds_set_says_how_to_prepare_it(tmp_path):
+  with pytest.raises(FileNotFoundError, match="tfds build cifar10") as info:
+    datasets.get_dataset(_config("cifar10", data_dir=str(tmp_path)))
+  assert f"--data_dir={tmp_path}" in str(info.value) and "array_record" in str(info.value)
+
+
+# --- Pipeline behaviour -----------------------------------------------------------------------
+
+def test_shuffling_is_seeded_and_each_epoch_a_permutation():
+  def labels(seed, k=6):
+    pipeline = datasets.build_pipeline(_ids(24), name="ids", batch_size=8, training=True, seed=seed,
+                                       process_index=0, process_count=1)
+    return np.stack([b["label"] for b in _take(pipeline.make_iterator(), k)])
+
+  first = labels(0)
+  np.testing.assert_array_equal(first, labels(0))
+  assert not np.array_equal(first, labels(1))
+  epochs = first.reshape(2, 24)
+  assert all(sorted(e) == list(range(24)) for e in epochs) and not np.array_equal(*epochs)
+  assert not np.array_equal(epochs[0], np.arange(24))
+
+
+@pytest.mark.parametrize("n_jitted_steps", [1, 2])
+def test_evaluation_covers_every_example_once_on_every_host(n_jitted_steps):
+  seen, shapes, counts = [], set(), set()
+  for host in range(2):
+    pipeline = datasets.build_pipeline(_ids(37), name="ids", batch_size=8, training=False, seed=0,
+                                       n_jitted_steps=n_jitted_steps, process_index=host, process_count=2)
+    batches = list(pipeline.make_iterator())
+    counts.add((len(batches), pipeline.num_batches))
+    shapes |= {b["image"].shape for b in batches}
+    seen += [int(label) for b in batches for label in b["label"][b["mask"]]]
+  assert sorted(seen) == list(range(37))
+  assert len(counts) == 1 and len(shapes) == 1
+  assert shapes.pop()[:-2] == ((n_jitted_steps,) if n_jitted_steps > 1 else ())
+
+
+def test_two_hosts_read_disjoint_shards_that_make_the_single_host_batches():
+  def stream(host, count, k=9):
+    pipeline = datasets.build_pipeline(_ids(30), name="ids", batch_size=6, training=True, seed=5,
+                                       process_index=host, process_count=count)
+    return [set(b["label"].tolist()) for b in _take(pipeline.make_iterator(), k)]
+
+  single, host0, host1 = stream(0, 1), stream(0, 2), stream(1, 2)
+  assert all(not a & b and a | b == s for a, b, s in zip(host0, host1, single))
+  assert set().union(*host0[:5], *host1[:5]) == set(range(30))  # the first epoch
+
+
+def test_resuming_from_a_saved_state_continues_the_same_batches():
+  def pipeline(batch_size=4, n_jitted_steps=1, host=0, count=1):
+    return datasets.build_pipeline(_ids(10), name="ids", batch_size=batch_size, training=True, seed=2,
+                                   n_jitted_steps=n_jitted_steps, process_index=host, process_count=count)
+
+  uninterrupted = [b["label"] for b in _take(pipeline().make_iterator(), 8)]
+  first = pipeline()
+  iterator = first.make_iterator()
+  _take(iterator, 4)
+  state = json.loads(json.dumps(first.iterator_state(iterator)))
+  resumed = [b["label"] for b in _take(pipeline().make_iterator(state), 4)]
+  np.testing.assert_array_equal(np.stack(resumed), np.stack(uninterrupted[4:]))
+  # The same position restores on two hosts, and with two batches per jitted call.
+  halves = [next(pipeline(host=h, count=2).make_iterator(state))["label"] for h in range(2)]
+  assert sorted(np.concatenate(halves).tolist()) == sorted(uninterrupted[4].tolist())
+  np.testing.assert_array_equal(next(pipeline(n_jitted_steps=2).make_iterator(state))["label"],
+                                np.stack(uninterrupted[4:6]))
+  with pytest.raises(ValueError, match="multiple of"):
+    pipeline(batch_size=6).make_iterator(state)
+  with pytest.raises(ValueError, match="same data set, seed and split"):
+    datasets.build_pipeline(_ids(10), name="ids", batch_size=4, training=True, seed=3, process_index=0,
+                            process_count=1).make_iterator(state)
+
+
+def test_configuration_errors_say_what_to_do():
+  with pytest.raises(ValueError, match="not divisible by the number of processes.*multiple of 3"):
+    datasets.build_pipeline(_ids(10), name="ids", batch_size=10, training=True, seed=0, process_index=0,
+                            process_count=3)
+  with pytest.raises(ValueError, match=r"config.training.batch_size=128 is not divisible"):
+    datasets.get_dataset(_config("mixture", random_flip=False), process_count=3)
+  with pytest.raises(ValueError, match="valid choices.*8gaussians.*cifar10.*digits"):
+    datasets.get_dataset(_config("mnist"))
+  with pytest.raises(ValueError, match="config.data.random_flip=False"):
+    datasets.get_dataset(_config("swissroll"))
+  with pytest.raises(ValueError, match="num_channels=1"):
+    datasets.get_dataset(_config("digits"))
+  with pytest.raises(ValueError, match="no closed-form density"):
+    datasets.toy_density("swissroll")
+
+
+def test_toy_pipeline_from_config_carries_the_density():
+  config = _config("8gaussians", random_flip=False, num_train=1000)
+  config.training.batch_size = 16
+  train_ds, eval_ds = datasets.get_dataset(config, process_index=0, process_count=1)
+  batch = next(train_ds.make_iterator())
+  assert batch["image"].shape == (16, 2) and batch["mask"].all() and train_ds.num_examples == 1000
+  assert train_ds.density is not None and eval_ds.num_examples == 10_000 and not train_ds.eight_bit
+  assert "tensorflow" not in sys.modules
