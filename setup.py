@@ -33,6 +33,7 @@ setup(
         "pillow>=10,<14",
         "scipy>=1.13,<2",
         "scikit-learn>=1.3,<2",
+        "tensorboardX>=2.6,<3",
     ],
     extras_require={
         "test": [

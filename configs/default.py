@@ -91,6 +91,32 @@ def get_default_configs() -> ml_collections.ConfigDict:
   model.scale_by_sigma = False
   model.conditional = True
   model.hidden_dims = (256, 256, 256)       # mlp
+  # ncsnpp (NCSN++ / DDPM++) and ddpm; defaults are NCSN++'s CIFAR-10 settings (the original's
+  # configs set every one of them; DDPM++ uses fir=False, progressive_input="none").
+  model.resamp_with_conv = True             # learned convs in Upsample / Downsample (else copies / pooling)
+  model.fir = True                          # ncsnpp: FIR resampling (StyleGAN2) instead of copies / pooling
+  model.fir_kernel = (1, 3, 3, 1)           # ncsnpp: the FIR filter
+  model.skip_rescale = True                 # ncsnpp: divide residual sums by sqrt(2)
+  model.resblock_type = "biggan"            # ncsnpp: biggan (resampling blocks) | ddpm
+  model.progressive = "none"                # ncsnpp output path: none | output_skip | residual
+  model.progressive_input = "residual"      # ncsnpp input path: none | input_skip | residual
+  model.progressive_combine = "sum"         # ncsnpp input_skip merge: sum | cat
+  model.init_scale = 0.0                    # ncsnpp: init scale of each residual branch's last layer (0: ~zero)
+  model.normalization = "InstanceNorm++"    # ncsn*: InstanceNorm++ | InstanceNorm | VarianceNorm | GroupNorm
+  model.nonlinearity = "swish"              # swish | elu | relu | lrelu (NCSN configs: elu)
+  model.interpolation = "bilinear"          # ncsn*: bilinear | bilinear_align_corners | nearest_neighbor
+  model.num_classes = 0                     # ncsn: its number of noise levels (= num_scales); 0: derived
+
+  # Noise-conditional classifier of class-conditional sampling (models.classifier.get_classifier).
+  config.classifier = classifier = ml_collections.ConfigDict()
+  classifier.name = "wideresnet"
+  classifier.depth = 28                     # 6 n + 4 (n blocks per group); WRN-28-10 is the original's
+  classifier.widen_factor = 10              # models.classifier.small_wide_resnet: depth 10, width 2, 32 freqs
+  classifier.num_classes = 10
+  classifier.embedding_size = 128           # Fourier frequencies of log sigma; the embedding MLP is 4x wider
+  classifier.fourier_scale = 16.0
+  classifier.input_mean = ()                # per-channel input normalisation; () for none
+  classifier.input_std = ()                 # (the original used models.classifier.CIFAR10_MEAN / _STD)
 
   # Optimisation.
   config.optim = optim = ml_collections.ConfigDict()

@@ -1,0 +1,252 @@
+"""Checkpoints of a training run: Orbax, two series, resume from the newest usable step.
+
+    ckpt = checkpoints.Checkpointer(workdir, snapshot_freq=50_000, preemption_freq=10_000, keep=0)
+    restored = ckpt.restore_latest(abstract_state)     # (state, host_state, step) or None
+    ckpt.save(step, state, host_state)                 # asynchronous; a no-op off the two schedules
+    ckpt.close()                                       # waits for the saves in flight
+
+Layout (as in the original). ``workdir/checkpoints/<step>`` holds the regular series, saved every
+``snapshot_freq`` steps (and on ``force``) and kept by ``keep`` (0 keeps every one);
+``workdir/checkpoints-meta/<step>`` holds the frequent preemption checkpoint, saved every
+``preemption_freq`` steps, of which only the newest is kept. A step on both schedules goes to the
+regular series only. Each step stores two items: ``state``, the train-state pytree
+(``args.StandardSave``, sharded arrays written by every host), and ``host``, a JSON dict of
+everything else that exact resumption needs (data-iterator positions, running metric sums).
+
+Robustness. Orbax writes a step into a temporary directory and renames it when complete, so a
+killed process loses only the steps since the last finished save (unfinished temporaries are
+deleted on the next start). ``restore_latest`` tries the steps of both series from the newest
+down: a step that fails to restore (truncated or missing files, unreadable metadata) is reported
+with a warning, and once an older step restores, the failed newer steps are moved to
+``workdir/checkpoints-damaged/`` (kept for inspection, and out of the way of the resumed run's
+next saves). If no step restores, nothing is moved and the error names each step's failure
+(usually a config that changed the shapes of the train state).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+PyTree = Any
+HostState = dict[str, Any]  # JSON-serialisable.
+
+REGULAR_DIR = "checkpoints"
+PREEMPTION_DIR = "checkpoints-meta"
+DAMAGED_DIR = "checkpoints-damaged"
+_SERIES = (REGULAR_DIR, PREEMPTION_DIR)
+
+
+def _manager(directory: epath.Path, keep: int | None, writer: bool = True) -> ocp.CheckpointManager:
+  """An asynchronous manager of one series that keeps the newest ``keep`` steps (None: all).
+
+  A reader (``writer=False``) creates nothing and leaves unfinished temporaries alone, so it can
+  run beside the training process that writes them.
+  """
+  policy = preservation_policy.PreserveAll() if keep is None else preservation_policy.LatestN(keep)
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True,
+                                         cleanup_tmp_directories=writer, create=writer)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def _newest_first(managers: dict[str, ocp.CheckpointManager]) -> list[tuple[int, str]]:
+  """(step, series) of every step of every series, newest first (the regular series first on ties)."""
+  order = {name: i for i, name in enumerate(_SERIES)}
+  candidates = [(step, name) for name, manager in managers.items() for step in manager.all_steps()]
+  return sorted(candidates, key=lambda c: (-c[0], order[c[1]]))
+
+
+def _restore_newest(managers: dict[str, ocp.CheckpointManager], make_args, what: str, step: int | None = None
+                    ) -> tuple[Any, int, str, list[tuple[int, str]]] | None:
+  """Restores the newest step that restores (or ``step``): (items, step, series, failed newer steps).
+
+  Raises:
+    ValueError: when steps exist but none restores (or ``step`` does not exist or fails).
+  """
+  candidates = _newest_first(managers)
+  if step is not None:
+    candidates = [c for c in candidates if c[0] == step]
+    if not candidates:
+      steps = sorted({s for s, _ in _newest_first(managers)})
+      raise ValueError(f"No checkpoint of step {step} in {what}; available steps: {steps}.")
+  if not candidates:
+    return None
+  failures = []
+  for candidate_step, series in candidates:
+    try:
+      items = managers[series].restore(candidate_step, args=make_args())
+    except Exception as e:  # pylint: disable=broad-except  (any failure to read means "damaged")
+      message = f"{type(e).__name__}: {str(e)[:400]}"
+      logging.warning("Checkpoint %s/%d could not be restored (%s); trying the previous one.",
+                      managers[series].directory, candidate_step, message)
+      failures.append((candidate_step, series, message))
+      continue
+    return items, candidate_step, series, [(s, name) for s, name, _ in failures]
+  details = "\n".join(f"  {name}/{s}: {message}" for s, name, message in failures)
+  raise ValueError(
+      f"None of the {len(failures)} checkpoint(s) in {what} could be restored:\n{details}\n"
+      f"If the config changed the model or optimiser (so the saved arrays no longer match), train in "
+      f"a fresh workdir or restore the old config; if the files are damaged, move them away to start "
+      f"from scratch.")
+
+
+class Checkpointer:
+  """The regular and the preemption series of one workdir (see the module docstring).
+
+  Args:
+    workdir: the run's directory (local path or any ``etils.epath`` URL, e.g. ``gs://...``).
+    snapshot_freq: steps between regular checkpoints.
+    preemption_freq: steps between preemption checkpoints.
+    keep: regular checkpoints kept (the newest ones); 0 keeps all.
+  """
+
+  def __init__(self, workdir: str | epath.PathLike, *, snapshot_freq: int, preemption_freq: int, keep: int = 0):
+    for name, value in (("snapshot_freq", snapshot_freq), ("preemption_freq", preemption_freq)):
+      if int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive number of steps, got {value}.")
+    if int(keep) != keep or keep < 0:
+      raise ValueError(f"keep (training.keep_checkpoints) must be a non-negative integer (0: keep all), got {keep}.")
+    self.workdir = epath.Path(workdir)
+    self.snapshot_freq, self.preemption_freq = int(snapshot_freq), int(preemption_freq)
+    self._managers = {REGULAR_DIR: _manager(self.workdir / REGULAR_DIR, int(keep) or None),
+                      PREEMPTION_DIR: _manager(self.workdir / PREEMPTION_DIR, 1)}
+
+  def latest_step(self) -> int | None:
+    """The newest step of either series (not checked for damage), or None."""
+    steps = [s for manager in self._managers.values() for s in manager.all_steps()]
+    return max(steps, default=None)
+
+  def all_steps(self) -> list[int]:
+    """Every saved step of both series, ascending."""
+    return sorted({s for manager in self._managers.values() for s in manager.all_steps()})
+
+  def save(self, step: int, state: PyTree, host_state: HostState, *, force: bool = False) -> bool:
+    """Starts an asynchronous save of ``step`` if a schedule (or ``force``) asks for one.
+
+    The arrays are copied off the devices before this returns, so ``state`` may be donated right
+    after; the files are written in the background (``wait``).
+
+    Args:
+      step: the train state's step.
+      state: the train-state pytree (sharded ``jax.Array`` leaves).
+      host_state: JSON-serialisable host-side state, restored verbatim.
+      force: save to the regular series whatever the schedules say (e.g. the last step).
+
+    Returns:
+      Whether a save was started.
+    """
+    if force or step % self.snapshot_freq == 0:
+      series = REGULAR_DIR
+    elif step % self.preemption_freq == 0:
+      series = PREEMPTION_DIR
+    else:
+      return False
+    if step in self._managers[series].all_steps():
+      return False
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state))
+    return self._managers[series].save(step, args=args, force=True)
+
+  def restore_latest(self, abstract_state: PyTree) -> tuple[PyTree, HostState, int] | None:
+    """Restores the newest usable step of either series into ``abstract_state``'s shardings.
+
+    Damaged newer steps are reported with a warning and moved to ``workdir/checkpoints-damaged``.
+
+    Args:
+      abstract_state: the train state's structure as ``jax.ShapeDtypeStruct`` leaves, each with
+        the ``sharding`` to restore onto (e.g. replicated over the mesh).
+
+    Returns:
+      ``(state, host_state, step)``, or None when there is no checkpoint.
+
+    Raises:
+      ValueError: when checkpoints exist but none can be restored (nothing is moved then).
+    """
+    make_args = lambda: ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                           host=ocp.args.JsonRestore())
+    found = _restore_newest(self._managers, make_args, str(self.workdir))
+    if found is None:
+      return None
+    items, step, series, damaged = found
+    for bad_step, bad_series in damaged:
+      self._quarantine(bad_step, bad_series)
+    if damaged:
+      logging.warning("Resuming from %s/%d instead of the newer damaged checkpoint(s) %s, which were moved to %s.",
+                      series, step, [f"{name}/{s}" for s, name in damaged], self.workdir / DAMAGED_DIR)
+    return items.state, items.host, step
+
+  def _quarantine(self, step: int, series: str) -> None:
+    """Moves a damaged step out of its series (host 0), so that the resumed run can save it anew."""
+    manager = self._managers[series]
+    if jax.process_index() == 0:
+      target = self.workdir / DAMAGED_DIR / f"{series}-{step}-{int(time.time())}"
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (manager.directory / str(step)).rename(target)
+    ocp.multihost.sync_global_processes(f"score_sde_quarantine_{series}_{step}")
+    manager.reload()
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether the cluster announced a preemption (multi-host runs under ``jax.distributed``)."""
+    return self._managers[REGULAR_DIR].reached_preemption(step)
+
+  def wait(self) -> None:
+    """Blocks until every save in flight is written."""
+    for manager in self._managers.values():
+      manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for the saves in flight, then releases the managers."""
+    for manager in self._managers.values():
+      manager.close()
+
+
+def list_steps(workdir: str | epath.PathLike) -> list[int]:
+  """Every checkpointed step of ``workdir`` (both series), ascending; [] when there is none."""
+  workdir = epath.Path(workdir)
+  steps = set()
+  for series in _SERIES:
+    if (workdir / series).exists():
+      manager = _manager(workdir / series, None, writer=False)
+      steps.update(manager.all_steps())
+      manager.close()
+  return sorted(steps)
+
+
+def restore_ema_params(workdir: str | epath.PathLike, abstract_params: PyTree, *,
+                       step: int | None = None) -> tuple[PyTree, int]:
+  """Only the EMA parameters of a checkpoint (for sampling and evaluation), read-only.
+
+  Args:
+    workdir: the training run's directory.
+    abstract_params: the parameters' structure as ``jax.ShapeDtypeStruct`` leaves with shardings.
+    step: the step to restore; None takes the newest one that restores (damaged newer steps are
+      skipped with a warning and left in place).
+
+  Returns:
+    ``(ema_params, step)``.
+
+  Raises:
+    FileNotFoundError: when ``workdir`` holds no checkpoint.
+    ValueError: when ``step`` does not exist, or no checkpoint restores.
+  """
+  workdir = epath.Path(workdir)
+  managers = {series: _manager(workdir / series, None, writer=False)
+              for series in _SERIES if (workdir / series).exists()}
+  make_args = lambda: ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={"ema_params": abstract_params}, partial_restore=True,
+      restore_args=ocp.checkpoint_utils.construct_restore_args({"ema_params": abstract_params})))
+  try:
+    found = _restore_newest(managers, make_args, str(workdir), step)
+  finally:
+    for manager in managers.values():
+      manager.close()
+  if found is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir} (looked in {list(_SERIES)}); train first, or "
+                            f"pass the workdir of a training run.")
+  items, restored_step, _, _ = found
+  return items.state["ema_params"], restored_step
