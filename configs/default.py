@@ -58,6 +58,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.rtol = 1e-5
   evaluate.atol = 1e-5
   evaluate.eps = 1e-5
+  evaluate.likelihood_examples = 0          # examples of the likelihood pass (0: the whole split)
 
   # Data.
   config.data = data = ml_collections.ConfigDict()

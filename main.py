@@ -1,0 +1,99 @@
+"""score_sde: train, sample from and evaluate score-based generative models.
+
+    python main.py --config configs/toy/vp_8gaussians.py --workdir runs/toy --mode train
+    python main.py --config configs/vp/digits_unet_continuous.py --workdir runs/digits --mode sample
+    python main.py --config configs/toy/vp_8gaussians.py --workdir runs/toy --mode likelihood \
+        --config.eval.divergence=exact
+
+Modes: ``train`` (resumes from the newest checkpoint of the workdir; with
+``training.final_evaluation`` it then samples and computes the held-out likelihood), ``eval`` (the
+eval loss over the whole split and the likelihood), ``sample``, ``likelihood`` and ``summary``
+(the parameter count and the resolved config, without compiling anything). Any config field can
+be overridden on the command line, e.g. ``--config.training.batch_size=64``.
+"""
+
+from __future__ import annotations
+
+import jax
+from absl import app
+from absl import flags
+from etils import epath
+from ml_collections import config_flags
+
+from score_sde import evaluate
+from score_sde import models
+from score_sde import train
+from score_sde import validation
+from score_sde.models import wrapper
+
+MODES = ("train", "eval", "sample", "likelihood", "summary")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Configuration file (configs/...).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, logs, samples.")
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+_EVAL_FOLDER = flags.DEFINE_string("eval_folder", "eval", "Folder of the workdir for sample, likelihood and eval "
+                                   "outputs.")
+flags.mark_flags_as_required(["config"])
+
+
+def _say(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def summary(config) -> int:
+  """Prints ``parameters: N`` and the resolved config; returns N (shapes only, nothing compiles)."""
+  model = models.get_model(config)
+  shapes = wrapper.init_model(jax.random.key(0), model, (1,) + train.example_shape(config), shape_only=True)
+  count = wrapper.count_params(shapes["params"])
+  _say(f"model: {config.model.name}\nparameters: {count}\n\nconfig:\n{config}")
+  return count
+
+
+def _report_likelihood(result) -> None:
+  exact = "" if result["exact_mean"] is None else f" (the data's exact density: {result['exact_mean']:.4f} nats)"
+  _say(f"likelihood of {len(result['values'])} {result['split']} examples: {result['mean']:.4f} +- "
+       f"{result['sem']:.4f} {result['unit']}{exact}\n  per-example values: {result['npz']}")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}; config fields are set with --config.<field>=<value>.")
+  config = _CONFIG.value
+  validation.validate(config)
+  mode = _MODE.value
+  if mode == "summary":
+    summary(config)
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError(f"--mode={mode} needs --workdir (the directory of the run).")
+  workdir = epath.Path(_WORKDIR.value)
+  out_dir = workdir / _EVAL_FOLDER.value
+
+  if mode == "train":
+    result = train.train(config, workdir)
+    _say(f"trained to step {result['step']}: training loss {result['training_loss']}, eval loss "
+         f"{result['eval_loss']}\n  checkpoints: {result['checkpoint_dir']}\n  TensorBoard: tensorboard --logdir "
+         f"{result['tensorboard_dir']}\n  resolved config: {result['config_path']}")
+    if result["preempted"] or not config.training.final_evaluation:
+      return
+    mode = "final"
+  if mode in ("sample", "final"):
+    result = evaluate.sample(config, workdir, out_dir)
+    _say(f"{len(result['samples'])} samples ({result['nfe']} score evaluations each, {result['non_finite']} "
+         f"non-finite)\n  picture: {result['png']}\n  arrays: {result['npz']}")
+  if mode in ("likelihood", "final"):
+    _report_likelihood(evaluate.likelihood(config, workdir, out_dir))
+  if mode == "eval":
+    result = evaluate.evaluate(config, workdir, out_dir)
+    if "loss" in result:
+      loss = result["loss"]
+      _say(f"eval loss over {loss['num_examples']} {loss['split']} examples: {loss['loss']:.5g} +- {loss['sem']:.2g}")
+    if "likelihood" in result:
+      lik = result["likelihood"]
+      _say(f"likelihood ({lik['split']}): {lik['mean']:.4f} +- {lik['sem']:.4f} {lik['unit']}")
+    _say(f"  summary: {result['json']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,154 @@
+"""The main job: CLI modes end to end, inference on a trained run, and clear errors for bad input."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from configs.toy import vp_8gaussians
+from configs.vp import digits_unet_continuous
+from score_sde import datasets
+from score_sde import evaluate
+from score_sde import train
+from score_sde import validation
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# A run of 20 steps, 2 per call, small sampling and likelihood passes: the CLI's shape, quickly.
+TINY = ("--config.training.n_iters=20", "--config.training.n_jitted_steps=2", "--config.training.log_freq=10",
+        "--config.training.eval_freq=10", "--config.training.snapshot_freq=20",
+        "--config.training.snapshot_freq_for_preemption=10", "--config.training.batch_size=64",
+        "--config.model.hidden_dims=(32,32)", "--config.sampling.num_steps=20", "--config.sampling.batch_size=64",
+        "--config.eval.num_samples=100", "--config.eval.batch_size=50", "--config.eval.likelihood_examples=100",
+        "--config.data.num_train=1000")
+
+
+def run_main(*args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def tiny_toy_config():
+  c = vp_8gaussians.get_config()
+  t = c.training
+  t.n_iters, t.n_jitted_steps, t.batch_size = 8, 1, 32
+  t.log_freq, t.eval_freq, t.snapshot_freq, t.snapshot_freq_for_preemption = 4, 4, 8, 4
+  t.snapshot_sampling = False
+  c.model.hidden_dims = (16, 16)
+  c.data.num_train = 500
+  c.sampling.num_steps, c.sampling.batch_size = 10, 16
+  c.eval.batch_size, c.eval.num_samples = 16, 40
+  return c
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+  config = tiny_toy_config()
+  workdir = tmp_path_factory.mktemp("toy_run")
+  train.train(config, workdir)
+  return config, workdir
+
+
+def test_cli_train_then_eval_and_summary(tmp_path):
+  workdir = tmp_path / "run"
+  proc = run_main("--config", "configs/toy/vp_8gaussians.py", "--workdir", str(workdir), "--mode", "train", *TINY)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # Training progress, then the final evaluation: samples and the held-out likelihood.
+  assert "steps/s" in proc.stderr and "ETA" in proc.stderr
+  assert "trained to step 20" in proc.stdout
+  assert "100 samples (20 score evaluations each, 0 non-finite)" in proc.stdout
+  assert "likelihood of 100 test examples" in proc.stdout and "nats" in proc.stdout
+  assert "the data's exact density" in proc.stdout
+  assert PIL.Image.open(workdir / "eval" / "samples_20.png").size[0] > 100
+  assert np.load(workdir / "eval" / "samples_20.npz")["samples"].shape == (100, 2)
+  assert np.load(workdir / "eval" / "likelihood_test_20.npz")["values"].shape == (100,)
+  assert json.loads((workdir / "config.json").read_text())["training"]["n_iters"] == 20
+
+  proc = run_main("--config", "configs/toy/vp_8gaussians.py", "--workdir", str(workdir), "--mode", "eval",
+                  "--eval_folder", "eval2", *TINY)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((workdir / "eval2" / "eval_20.json").read_text())
+  assert summary["loss"]["num_examples"] == 10_000          # the whole test split, no example dropped
+  assert summary["likelihood"]["unit"] == "nats"
+
+  proc = run_main("--config", "configs/vp/digits_unet_continuous.py", "--mode", "summary")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = next(line for line in proc.stdout.splitlines() if line.startswith("parameters: "))
+  assert int(line.split()[1]) > 1000
+  assert "training:" in proc.stdout                         # the resolved config follows
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.training.sde=vpsd", "config.training.sde='vpsd' is not one of"),
+    ("--config.sampling.predictor=euler", "config.sampling.predictor='euler' is not one of"),
+    ("--config.training.unknown_key=1", "unknown_key"),
+])
+def test_cli_bad_config_is_a_clear_error(flag, message, tmp_path):
+  proc = run_main("--config", "configs/toy/vp_8gaussians.py", "--workdir", str(tmp_path), flag, timeout=120)
+  assert proc.returncode != 0
+  assert message in proc.stderr
+  assert not (tmp_path / "checkpoints").exists()             # refused before anything ran
+
+
+def test_cli_sample_without_a_checkpoint_says_train_first(tmp_path):
+  proc = run_main("--config", "configs/toy/vp_8gaussians.py", "--workdir", str(tmp_path), "--mode", "sample",
+                  timeout=120)
+  assert proc.returncode != 0 and "train first" in proc.stderr
+
+
+def test_samples_do_not_depend_on_the_batch_size(toy_run, tmp_path):
+  config, workdir = toy_run
+  a = evaluate.sample(config, workdir, tmp_path / "a")
+  config = config.copy_and_resolve_references()
+  config.sampling.batch_size = 8
+  b = evaluate.sample(config, workdir, tmp_path / "b")
+  assert a["samples"].shape == (40, 2) and a["nfe"] == config.sampling.num_steps
+  np.testing.assert_allclose(a["samples"], b["samples"], rtol=1e-5, atol=1e-5)
+
+
+def test_likelihood_and_eval_loss_count_every_example_once(toy_run, tmp_path):
+  config, workdir = toy_run
+  config = config.copy_and_resolve_references()
+  config.eval.likelihood_examples = 37                     # not a multiple of the batch of 16
+  result = evaluate.likelihood(config, workdir, tmp_path)
+  assert result["values"].shape == (37,) and result["unit"] == "nats"
+  assert np.all(np.isfinite(result["values"]))
+  values = result["values"].astype(np.float64)
+  assert result["sem"] == pytest.approx(np.std(values, ddof=1) / np.sqrt(37))
+  # The value a perfect model reaches: the data's own density of the same (first 37 test) points.
+  points = datasets.toy_source("8gaussians", "test").images[:37]
+  exact = np.mean(np.asarray(datasets.toy_density("8gaussians").log_prob(points)))
+  assert result["exact_mean"] == pytest.approx(exact, rel=1e-5)
+  loss = evaluate.eval_loss(config, workdir)
+  assert loss["num_examples"] == 10_000 and np.isfinite(loss["loss"])
+
+
+def test_digits_bits_per_dim_on_every_test_image(tmp_path):
+  config = digits_unet_continuous.get_config()
+  t = config.training
+  t.n_iters, t.n_jitted_steps, t.batch_size = 1, 1, 8
+  t.log_freq = t.eval_freq = t.snapshot_freq = t.snapshot_freq_for_preemption = 1
+  t.snapshot_sampling = False
+  config.model.name, config.model.hidden_dims = "mlp", (32,)   # flattens images; compiles in seconds
+  config.eval.batch_size, config.eval.rtol, config.eval.atol = 64, 1e-2, 1e-2
+  config.eval.likelihood_examples = 0
+  validation.validate(config)
+  train.train(config, tmp_path)
+  result = evaluate.likelihood(config, tmp_path, tmp_path / "eval")
+  assert result["values"].shape == (297,) and result["unit"] == "bits/dim"   # 297 = 4 batches + 41
+  assert np.all(np.isfinite(result["values"])) and 0.0 < result["mean"] < 50.0
+
+
+def test_summary_counts_parameters_without_compiling(capsys):
+  from main import summary  # pylint: disable=g-import-not-at-top
+  config = vp_8gaussians.get_config()
+  count = summary(config)
+  assert f"parameters: {count}" in capsys.readouterr().out
+  h = config.model.hidden_dims
+  assert count > h[0] * h[1] + h[1] * h[2]
