@@ -8,11 +8,11 @@ def get_default_configs():
   # Training.
   training = config.training
   training.batch_size = 512
-  training.n_iters = 4000
+  training.n_iters = 8000
   training.n_jitted_steps = 10
   training.log_freq = 200
   training.eval_freq = 500
-  training.snapshot_freq = 2000
+  training.snapshot_freq = 4000
   training.snapshot_freq_for_preemption = 1000
   training.keep_checkpoints = 2
   training.reduce_mean = True

@@ -259,9 +259,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
   Returns:
     A dict: ``step`` (the final step), ``state`` (the final ``losses.TrainState``), ``history``
     ({"training_loss" | "grad_norm" | "lr" | "eval_loss": [(step, value), ...]} of this call),
-    ``training_loss`` and ``eval_loss`` (the last logged values, or None), ``preempted``, and the
+    ``training_loss`` and ``eval_loss`` (the last logged values, or None), ``preempted``, the
     paths ``workdir``, ``config_path``, ``tensorboard_dir``, ``checkpoint_dir`` and ``samples``
-    (the snapshot PNGs written by this call).
+    (the snapshot PNGs written by this call), and, when a step ran, ``time_to_first_step`` (seconds
+    from the call to the end of the first compiled call) and ``steps_per_second`` (after it,
+    including logging, evals, checkpoints and snapshots).
 
   Raises:
     ValueError: for a config that cannot run (before anything compiles), or unusable checkpoints.
@@ -300,6 +302,7 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
   """``train`` after its checks: builds, compiles, resumes and runs the loop (see ``train``)."""
   t = config.training
   k = t.n_jitted_steps
+  started = time.perf_counter()
 
   # SDE, network, optimiser, losses and data.
   sde = build_sde(config)
@@ -380,7 +383,8 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
     window.add(step, metrics)
     if progress.step is None:
       jax.block_until_ready(metrics)
-      logging.info("Step %d done (compilation included).", step)
+      first_step, first_done = step, time.perf_counter()
+      logging.info("Step %d done, %.1f s after the start (compilation included).", step, first_done - started)
       progress.start(step)
     preempted = ckpt.reached_preemption(step)
     save_due = preempted or step % t.snapshot_freq == 0 or step % t.snapshot_freq_for_preemption == 0
@@ -412,11 +416,16 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
       logging.warning("Preemption announced: saved step %d and stopped.", step)
       break
   step = int(jax.device_get(state.step))
+  timing = {}
+  if progress.step is not None:
+    elapsed = time.perf_counter() - first_done
+    timing = {"time_to_first_step": first_done - started,
+              "steps_per_second": (step - first_step) / elapsed if step > first_step else None}
   last = lambda name: history[name][-1][1] if history[name] else None
   return {"step": step, "state": state, "history": history, "training_loss": last("training_loss"),
           "eval_loss": last("eval_loss"), "preempted": preempted, "workdir": str(workdir),
           "config_path": str(workdir / "config.json"), "tensorboard_dir": str(workdir / "tensorboard"),
-          "checkpoint_dir": str(workdir / checkpoints.REGULAR_DIR), "samples": sample_paths}
+          "checkpoint_dir": str(workdir / checkpoints.REGULAR_DIR), "samples": sample_paths, **timing}
 
 
 def _snapshot_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, model, mesh: jax.sharding.Mesh,
