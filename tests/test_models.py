@@ -8,6 +8,7 @@ closed forms in float64 and from the SDE's tables.
 """
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -19,7 +20,7 @@ from configs import default
 from score_sde import losses
 from score_sde import models
 from score_sde import sde as sde_lib
-from score_sde.models import layers, mlp, unet, wrapper
+from score_sde.models import layers, mlp, ncsnpp, unet, wrapper
 
 # RngBitGenerator keys compile the networks' initialisers several times faster than threefry.
 KEY = jax.random.key(0, impl="unsafe_rbg")
@@ -162,7 +163,7 @@ def test_get_model_passes_config_fields():
 def test_get_model_rejects_unknown_names():
   config = default.get_default_configs()
   config.model.name = "ncsnpp_typo"
-  with pytest.raises(ValueError, match=r"valid choices: \['mlp', 'unet'\]"):
+  with pytest.raises(ValueError, match=re.escape(f"valid choices: {sorted(models.MODELS)}")):
     models.get_model(config)
 
 
@@ -177,9 +178,9 @@ def test_count_params():
 # --- score parameterisation -------------------------------------------------------------------------
 
 
-def _fake_score_fn(sde, continuous, scale_by_sigma=False):
+def _fake_score_fn(sde, continuous):
   variables = wrapper.init_model(KEY, _Fake(), (1, 2))
-  return wrapper.get_score_fn(sde, _Fake(), variables, continuous=continuous, scale_by_sigma=scale_by_sigma)
+  return wrapper.get_score_fn(sde, _Fake(), variables, continuous=continuous)
 
 
 T_CONT = jnp.array([1e-5, 1e-3, 0.1, 0.5, 0.9, 1.0], jnp.float32)
@@ -212,27 +213,24 @@ def test_vp_discrete_uses_ddpm_table_at_rounded_index():
   np.testing.assert_allclose(c, -1.0 / np.sqrt(1.0 - alphas_cumprod), rtol=1e-5)
 
 
-@pytest.mark.parametrize("scale_by_sigma", [False, True])
-def test_ve_continuous_conditions_on_sigma(scale_by_sigma):
-  labels, c = _labels_and_factor(_fake_score_fn(sde_lib.VESDE(), True, scale_by_sigma), T_CONT)
+def test_ve_continuous_conditions_on_sigma():
+  labels, c = _labels_and_factor(_fake_score_fn(sde_lib.VESDE(), True), T_CONT)
   sigma = 0.01 * (50.0 / 0.01) ** np.asarray(T_CONT, np.float64)
   np.testing.assert_allclose(labels, sigma, rtol=1e-5)
-  np.testing.assert_allclose(c, 1.0 / sigma if scale_by_sigma else 1.0, rtol=1e-5)
+  np.testing.assert_allclose(c, 1.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("scale_by_sigma", [False, True])
-def test_ve_discrete_labels_index_descending_sigmas(scale_by_sigma):
+def test_ve_discrete_labels_index_descending_sigmas():
   n = 1000
   sde = sde_lib.VESDE(N=n)
   t = jnp.arange(n) / (n - 1)
-  labels, c = _labels_and_factor(_fake_score_fn(sde, False, scale_by_sigma), t)
+  labels, c = _labels_and_factor(_fake_score_fn(sde, False), t)
   sigmas = np.exp(np.linspace(np.log(0.01), np.log(50.0), n))  # Ascending in t, as VESDE stores them.
   np.testing.assert_allclose(labels, n - 1 - np.arange(n), rtol=1e-5, atol=1e-4)
-  if not scale_by_sigma:  # c = 1: the labels come back exactly, and are whole numbers.
-    assert np.all(labels == np.round(labels))
+  assert np.all(labels == np.round(labels))  # c = 1: the labels come back exactly, and are whole numbers.
   index = np.round(labels).astype(int)
   np.testing.assert_array_equal(sigmas[::-1][index], sigmas)  # sigma_desc[label_i] = sigma(t_i)
-  np.testing.assert_allclose(c, 1.0 / sigmas if scale_by_sigma else 1.0, rtol=1e-5)
+  np.testing.assert_allclose(c, 1.0, rtol=1e-6)
 
 
 def test_ve_output_is_the_score_unchanged():
@@ -245,8 +243,13 @@ def test_ve_output_is_the_score_unchanged():
 def test_parameterisation_errors_and_subclasses():
   with pytest.raises(ValueError, match="continuous=True"):
     _fake_score_fn(sde_lib.SubVPSDE(), False)
+  # A network that divides by sigma itself must be a VE network wrapped as it was built.
+  scaled = ncsnpp.NCSNpp(scale_by_sigma=True, continuous=True, embedding_type="positional")
   with pytest.raises(ValueError, match="scale_by_sigma=False"):
-    _fake_score_fn(sde_lib.VPSDE(), True, scale_by_sigma=True)
+    wrapper.get_score_fn(sde_lib.VPSDE(), scaled, {"params": {}}, continuous=True)
+  with pytest.raises(ValueError, match="continuous=False"):
+    wrapper.get_score_fn(sde_lib.VESDE(), scaled, {"params": {}}, continuous=False)
+  wrapper.get_score_fn(sde_lib.VESDE(), scaled, {"params": {}}, continuous=True)
   with pytest.raises(ValueError, match="positional"):  # Fourier features of log(label); labels reach 0.
     wrapper.get_score_fn(sde_lib.VESDE(), MLP, {"params": {}}, continuous=False)
   wrapper.get_score_fn(sde_lib.VESDE(), PLAIN_MLP, {"params": {}}, continuous=False)

@@ -15,25 +15,28 @@ import dataclasses
 import flax.linen as nn
 import ml_collections
 
-from score_sde.models import mlp, unet
+from score_sde.models import ddpm, mlp, ncsnpp, unet
 
 # Networks by ``config.model.name``.
 MODELS: dict[str, type[nn.Module]] = {
+    "ddpm": ddpm.DDPM,
     "mlp": mlp.MLP,
+    "ncsnpp": ncsnpp.NCSNpp,
     "unet": unet.UNet,
 }
 
-# Constructor arguments taken from ``config.data`` (all others come from ``config.model``).
-_DATA_FIELDS = ("centered",)
+# Constructor arguments taken from config sections other than ``config.model``.
+_OTHER_SECTIONS = {"centered": "data", "continuous": "training"}
 
 
 def get_model(config: ml_collections.ConfigDict) -> nn.Module:
   """Builds the network named ``config.model.name``.
 
   The config stops here: every constructor argument of the network that has a key of the same
-  name in ``config.model`` (or, for ``centered``, in ``config.data``) is passed explicitly;
-  arguments without a key keep the network's default. Sequences become tuples, so the module
-  hashes (score functions use it as a static argument of jitted samplers).
+  name in ``config.model`` (or, for ``centered``, in ``config.data``, and for ``continuous``, in
+  ``config.training``) is passed explicitly; arguments without a key keep the network's default.
+  Sequences become tuples, so the module hashes (score functions use it as a static argument of
+  jitted samplers).
 
   Raises:
     ValueError: for an unknown name.
@@ -45,7 +48,7 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
   cls = MODELS[name]
   kwargs = {}
   for field in dataclasses.fields(cls):
-    section = config.data if field.name in _DATA_FIELDS else config.model
+    section = config.get(_OTHER_SECTIONS.get(field.name, "model"), {})
     if field.name not in ("parent", "name") and field.name in section:
       value = section[field.name]
       kwargs[field.name] = tuple(value) if isinstance(value, (list, tuple)) else value

@@ -1,31 +1,65 @@
-"""Layers shared by the score networks: noise-label embeddings, residual blocks, initialisers.
+"""Layers of the score networks: initialisers, label embeddings, residual and attention blocks.
 
-Conventions follow the original's DDPM / NCSN++ models (Ho et al. 2020; Song et al. 2021):
+Conventions follow the original's DDPM / NCSN++ models (Ho et al. 2020; Song et al. 2021), and
+every block creates its sub-layers in the original's order, so Flax names them as the original
+did (``Conv_0``, ``Dense_0``, ``GroupNorm_1``, ``NIN_3``, ...) and its checkpoints map one to one.
 
+* Initialisers (``default_init``): variance scaling, fan_avg, uniform; scale 0 means 1e-10, so
+  the last layer of a residual branch starts near zero and every block starts as the identity.
+  ``NIN`` (a 1x1 convolution written as a matrix ``W`` (C_in, C_out) plus bias ``b``) defaults to
+  scale 0.1, as in the original.
+* GroupNorm (``num_groups``): NCSN++'s group count min(C // 4, 32), lowered to a divisor of C
+  when needed (which the original never needs: there it always divides); DDPM fixes 32 groups.
+  Epsilon 1e-6; the variance is computed in two passes (mean of squared deviations), which
+  matches the PyTorch port's GroupNorm more closely than E[x^2] - E[x]^2.
 * Noise labels are embedded either with Gaussian Fourier features of log(label) (random, frozen
-  frequencies W ~ N(0, scale^2); NCSN++'s choice for continuous VE, where the label is sigma) or
-  with DDPM's sinusoidal position embedding of the label itself; either is followed by
-  Dense -> SiLU -> Dense.
-* Residual blocks add a projection of the embedding after their first layer, use SiLU (swish),
-  optional dropout, and initialise their last layer near zero ("init_scale 0", variance 1e-10 as
-  in the original) so every block starts as the identity.
-* GroupNorm uses NCSN++'s group count min(C / 4, 32), lowered to a divisor of C when needed, so it
-  also works for the small channel counts of toy U-Nets.
+  frequencies W ~ N(0, scale^2)) or with DDPM's sinusoidal position embedding of the label.
+* Resampling (``Upsample`` / ``Downsample``): nearest-neighbour copies / average pooling, or the
+  FIR filter of ``up_or_down_sampling``; optionally with a 3x3 convolution (fused with the FIR
+  filter in ``up_or_down_sampling.Conv2d``).
+* Residual blocks: ``ResnetBlock`` (this package's small U-Net), ``ResnetBlockDDPM`` (Ho et al.),
+  ``ResnetBlockDDPMpp`` and ``ResnetBlockBigGANpp`` (NCSN++; the BigGAN block resamples inside
+  the block). ``skip_rescale`` divides a residual sum by sqrt(2).
 
 Shapes: labels are (B,); images are NHWC; vectors are (B, D); embeddings are (B, E).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from score_sde.models import up_or_down_sampling
 
 Array = jax.Array
+Activation = Callable[[Array], Array]
 
 EMBEDDING_TYPES = ("fourier", "positional")
+
+# The original's ``get_act``: activation functions by ``config.model.nonlinearity``.
+ACTIVATIONS: dict[str, Activation] = {
+    "swish": nn.swish,
+    "elu": nn.elu,
+    "relu": nn.relu,
+    "lrelu": functools.partial(nn.leaky_relu, negative_slope=0.2),
+}
+
+
+def get_act(nonlinearity: str) -> Activation:
+  """The activation named ``nonlinearity`` (case-insensitive); ValueError naming the choices."""
+  name = nonlinearity.lower()
+  if name not in ACTIVATIONS:
+    raise ValueError(f"Unknown nonlinearity {nonlinearity!r}; valid choices: {sorted(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]
+
+
+# --- initialisers, normalisation, 1x1 / 3x3 layers ------------------------------------------------
 
 
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
@@ -39,23 +73,68 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
   return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-  """GroupNorm with ``num_groups(channels)`` groups and the original's epsilon 1e-6."""
-  return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6)
+def group_norm(channels: int, groups: int | None = None) -> nn.GroupNorm:
+  """GroupNorm over ``channels`` with ``groups`` groups (``None``: ``num_groups(channels)``), eps 1e-6."""
+  groups = num_groups(channels) if groups is None else groups
+  if channels % groups:
+    raise ValueError(f"GroupNorm with {groups} groups needs a channel count divisible by {groups}, got "
+                     f"{channels}; choose nf and ch_mult so that every level's channels are multiples of "
+                     f"{groups}.")
+  return nn.GroupNorm(num_groups=groups, epsilon=1e-6, use_fast_variance=False)
+
+
+def conv3x3(x: Array, features: int, stride: int = 1, bias: bool = True, init_scale: float = 1.0) -> Array:
+  """A 'SAME' 3x3 convolution with DDPM's initialisation, created in the calling module's scope.
+
+  (B, H, W, C) -> (B, H / stride, W / stride, features). Stride 2 pads one row and column after
+  the image, as the PyTorch port's explicit (0, 1, 0, 1) padding.
+  """
+  return nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME", use_bias=bias,
+                 kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros)(x)
+
+
+def conv1x1(x: Array, features: int, bias: bool = True, init_scale: float = 1.0) -> Array:
+  """A 1x1 convolution with DDPM's initialisation: (B, H, W, C) -> (B, H, W, features)."""
+  return nn.Conv(features, (1, 1), use_bias=bias, kernel_init=default_init(init_scale),
+                 bias_init=nn.initializers.zeros)(x)
+
+
+class NIN(nn.Module):
+  """Network-in-network: a per-pixel linear map x W + b over the last axis.
+
+  Attributes:
+    num_units: output features.
+    init_scale: ``default_init`` scale of ``W`` (C_in, num_units).
+  """
+
+  num_units: int
+  init_scale: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """(..., C_in) -> (..., num_units)."""
+    w = self.param("W", default_init(self.init_scale), (x.shape[-1], self.num_units))
+    b = self.param("b", nn.initializers.zeros, (self.num_units,))
+    return jnp.tensordot(x, w, axes=1) + b
+
+
+# --- noise-label embeddings -----------------------------------------------------------------------
 
 
 def timestep_embedding(labels: Array, dim: int, max_positions: int = 10_000) -> Array:
   """DDPM's sinusoidal embedding of real-valued labels (B,) -> (B, dim).
 
-  Frequencies are max_positions^(-k / (dim/2 - 1)) for k = 0..dim/2 - 1; the embedding is
-  [sin(label f), cos(label f)], zero-padded when ``dim`` is odd.
+  Frequencies are max_positions^(-k / (dim/2 - 1)) for k = 0..dim/2 - 1, rounded once to float32
+  (a constant, not recomputed on device); the embedding is [sin(label f), cos(label f)],
+  zero-padded when ``dim`` is odd.
   """
   if labels.ndim != 1:
     raise ValueError(f"labels must have shape (B,), got {labels.shape}.")
   half = dim // 2
   if half < 2:
     raise ValueError(f"The sinusoidal embedding needs dim >= 4, got {dim}.")
-  freqs = jnp.exp(-math.log(max_positions) / (half - 1) * jnp.arange(half, dtype=jnp.float32))
+  exponents = np.arange(half, dtype=np.float32) * np.float32(-math.log(max_positions) / (half - 1))
+  freqs = jnp.asarray(np.exp(exponents.astype(np.float64)).astype(np.float32))
   angles = labels.astype(jnp.float32)[:, None] * freqs[None, :]
   emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=1)
   return jnp.pad(emb, ((0, 0), (0, dim % 2)))
@@ -65,7 +144,8 @@ class GaussianFourierProjection(nn.Module):
   """Random Fourier features [sin(2 pi W v), cos(2 pi W v)] of a scalar v per example.
 
   W ~ N(0, scale^2) of shape (embedding_size,) is a parameter (so the original's checkpoints map
-  onto it) that never trains: it passes through ``stop_gradient``, so its gradient is zero.
+  onto it) that never trains: it passes through ``stop_gradient``, so its gradient is zero. The
+  product is formed as ((v W) 2) pi, the original's order (the arguments reach hundreds of radians).
 
   Attributes:
     embedding_size: number of frequencies; the output has 2 * embedding_size features.
@@ -79,7 +159,7 @@ class GaussianFourierProjection(nn.Module):
   def __call__(self, v: Array) -> Array:
     """(B,) -> (B, 2 * embedding_size)."""
     w = self.param("W", nn.initializers.normal(stddev=self.scale), (self.embedding_size,))
-    angles = v[:, None] * jax.lax.stop_gradient(w)[None, :] * (2 * jnp.pi)
+    angles = v[:, None] * jax.lax.stop_gradient(w)[None, :] * 2 * jnp.pi
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
@@ -112,6 +192,9 @@ class NoiseLabelEmbedding(nn.Module):
     return nn.Dense(self.features, kernel_init=default_init())(nn.silu(emb))
 
 
+# --- blocks of this package's small networks ----------------------------------------------------
+
+
 class ResidualMLPBlock(nn.Module):
   """x + Dense(dropout(SiLU(Dense(SiLU(x)) + Dense(SiLU(temb))))) on vectors (B, D).
 
@@ -139,10 +222,10 @@ class ResidualMLPBlock(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-  """DDPM's residual block on NHWC images.
+  """The residual block of this package's small U-Net (``unet.UNet``) on NHWC images.
 
   h = Conv(SiLU(GN(x))) + Dense(SiLU(temb)); h = Conv0(dropout(SiLU(GN(h)))); returns skip(x) + h,
-  with Conv0 initialised near zero and skip a 1x1 projection (NIN) when the channels change.
+  with Conv0 initialised near zero and skip a Dense projection when the channels change.
 
   Attributes:
     out_ch: output channels (``None`` keeps the input's).
@@ -167,44 +250,274 @@ class ResnetBlock(nn.Module):
     return x + h
 
 
+# --- attention and resampling (DDPM, NCSN++ and the small U-Net) ----------------------------------
+
+
+def residual_sum(x: Array, h: Array, skip_rescale: bool) -> Array:
+  """x + h, divided by sqrt(2) when ``skip_rescale`` (the original's residual rescaling)."""
+  return (x + h) / np.sqrt(2.0) if skip_rescale else x + h
+
+
 class AttnBlock(nn.Module):
-  """Single-head self-attention over all H * W positions, with a residual connection."""
+  """Single-head self-attention over all H * W positions, with NIN projections and a residual.
+
+  q, k, v = NIN(GN(x)); out = x + NIN_3(softmax(q k^T / sqrt(C)) v), NIN_3 initialised with
+  ``init_scale`` (0: near zero), the sum divided by sqrt(2) with ``skip_rescale``.
+
+  Attributes:
+    num_groups: GroupNorm groups (``None``: ``num_groups(C)``; DDPM uses 32).
+    init_scale: initialisation scale of the output projection.
+    skip_rescale: divide the residual sum by sqrt(2).
+  """
+
+  num_groups: int | None = None
+  init_scale: float = 0.0
+  skip_rescale: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """(B, H, W, C) -> (B, H, W, C)."""
     b, height, width, channels = x.shape
-    h = group_norm(channels)(x)
-    q, k, v = (nn.Dense(channels, kernel_init=default_init())(h).reshape(b, height * width, channels)
-               for _ in range(3))
-    weights = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * channels**-0.5, axis=-1)
+    h = group_norm(channels, self.num_groups)(x)
+    q, k, v = (NIN(channels)(h).reshape(b, height * width, channels) for _ in range(3))
+    weights = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * (int(channels) ** -0.5), axis=-1)
     h = jnp.einsum("bij,bjc->bic", weights, v).reshape(x.shape)
-    return x + nn.Dense(channels, kernel_init=default_init(0.0))(h)
+    return residual_sum(x, NIN(channels, init_scale=self.init_scale)(h), self.skip_rescale)
 
 
-class Downsample(nn.Module):
-  """Halves H and W: a stride-2 3x3 conv (``with_conv``) or 2x2 average pooling."""
-
-  with_conv: bool = True
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """(B, H, W, C) -> (B, H/2, W/2, C)."""
-    if self.with_conv:
-      return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), kernel_init=default_init())(x)
-    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+class AttnBlockpp(AttnBlock):
+  """NCSN++'s attention block: ``AttnBlock`` under the original's NCSN++ name (``AttnBlockpp_k``)."""
 
 
 class Upsample(nn.Module):
-  """Doubles H and W by nearest-neighbour upsampling, followed by a 3x3 conv if ``with_conv``."""
+  """Doubles H and W.
+
+  Without ``fir``: nearest-neighbour copies, then a 3x3 convolution (``Conv_0``) if ``with_conv``.
+  With ``fir``: the FIR filter, fused with a 3x3 convolution (``Conv2d_0``) if ``with_conv``.
+
+  Attributes:
+    with_conv: add a learned 3x3 convolution.
+    out_ch: output channels of the convolution (``None`` keeps the input's; needs ``with_conv``).
+    fir: FIR upsampling (``up_or_down_sampling``) instead of nearest-neighbour copies.
+    fir_kernel: the FIR filter.
+  """
 
   with_conv: bool = True
+  out_ch: int | None = None
+  fir: bool = False
+  fir_kernel: Sequence[int] = up_or_down_sampling.DEFAULT_KERNEL
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    """(B, H, W, C) -> (B, 2H, 2W, C)."""
-    b, height, width, channels = x.shape
-    x = jax.image.resize(x, (b, 2 * height, 2 * width, channels), method="nearest")
-    if self.with_conv:
-      x = nn.Conv(channels, (3, 3), kernel_init=default_init())(x)
+    """(B, H, W, C) -> (B, 2H, 2W, out_ch or C)."""
+    out_ch = self.out_ch or x.shape[-1]
+    if not self.with_conv and out_ch != x.shape[-1]:
+      raise ValueError(f"Upsample without a convolution keeps the {x.shape[-1]} channels; got out_ch={out_ch}.")
+    if not self.fir:
+      h = up_or_down_sampling.naive_upsample_2d(x, factor=2)
+      return conv3x3(h, out_ch) if self.with_conv else h
+    if not self.with_conv:
+      return up_or_down_sampling.upsample_2d(x, self.fir_kernel, factor=2)
+    return up_or_down_sampling.Conv2d(out_ch, kernel=3, up=True, resample_kernel=self.fir_kernel,
+                                      kernel_init=default_init())(x)
+
+
+class Downsample(nn.Module):
+  """Halves H and W.
+
+  Without ``fir``: a stride-2 3x3 convolution (``Conv_0``) if ``with_conv``, else 2x2 average
+  pooling. With ``fir``: the FIR filter, fused with a 3x3 convolution (``Conv2d_0``) if ``with_conv``.
+
+  Attributes:
+    with_conv: resample with a learned 3x3 convolution.
+    out_ch: output channels of the convolution (``None`` keeps the input's; needs ``with_conv``).
+    fir: FIR downsampling (``up_or_down_sampling``) instead of pooling / strided convolution.
+    fir_kernel: the FIR filter.
+  """
+
+  with_conv: bool = True
+  out_ch: int | None = None
+  fir: bool = False
+  fir_kernel: Sequence[int] = up_or_down_sampling.DEFAULT_KERNEL
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """(B, H, W, C) -> (B, H/2, W/2, out_ch or C)."""
+    out_ch = self.out_ch or x.shape[-1]
+    if not self.with_conv and out_ch != x.shape[-1]:
+      raise ValueError(f"Downsample without a convolution keeps the {x.shape[-1]} channels; got out_ch={out_ch}.")
+    if not self.fir:
+      if self.with_conv:
+        return conv3x3(x, out_ch, stride=2)
+      return nn.avg_pool(x, (2, 2), strides=(2, 2))
+    if not self.with_conv:
+      return up_or_down_sampling.downsample_2d(x, self.fir_kernel, factor=2)
+    return up_or_down_sampling.Conv2d(out_ch, kernel=3, down=True, resample_kernel=self.fir_kernel,
+                                      kernel_init=default_init())(x)
+
+
+# --- residual blocks of DDPM and NCSN++ ------------------------------------------------------------
+
+
+class ResnetBlockDDPM(nn.Module):
+  """DDPM's residual block (Ho et al. 2020) on NHWC images.
+
+  h = Conv_0(act(GN(x))) + Dense_0(act(temb)); h = Conv_1(dropout(act(GN(h)))), Conv_1 initialised
+  with ``init_scale``; the skip is x, or a projection (NIN_0, or a 3x3 Conv_2 with
+  ``conv_shortcut``) when the channels change; out = x + h (divided by sqrt(2) with ``skip_rescale``).
+
+  Attributes:
+    act: activation function.
+    out_ch: output channels (``None`` keeps the input's).
+    conv_shortcut: project the skip with a 3x3 convolution instead of NIN.
+    dropout: dropout rate (active only when ``train``).
+    num_groups: GroupNorm groups (DDPM: 32; ``None``: ``num_groups(C)``).
+    skip_rescale: divide the residual sum by sqrt(2).
+    init_scale: initialisation scale of Conv_1.
+  """
+
+  act: Activation = nn.swish
+  out_ch: int | None = None
+  conv_shortcut: bool = False
+  dropout: float = 0.1
+  num_groups: int | None = 32
+  skip_rescale: bool = False
+  init_scale: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: Array, temb: Array | None = None, train: bool = False) -> Array:
+    """(B, H, W, C), (B, E) or None -> (B, H, W, out_ch)."""
+    channels = x.shape[-1]
+    out_ch = self.out_ch or channels
+    h = conv3x3(self.act(group_norm(channels, self.num_groups)(x)), out_ch)
+    if temb is not None:
+      h = h + nn.Dense(out_ch, kernel_init=default_init())(self.act(temb))[:, None, None, :]
+    h = self.act(group_norm(out_ch, self.num_groups)(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = conv3x3(h, out_ch, init_scale=self.init_scale)
+    if channels != out_ch:
+      x = conv3x3(x, out_ch) if self.conv_shortcut else NIN(out_ch)(x)
+    return residual_sum(x, h, self.skip_rescale)
+
+
+class ResnetBlockDDPMpp(ResnetBlockDDPM):
+  """NCSN++'s DDPM-style block (``resblock_type='ddpm'``): ``ResnetBlockDDPM`` with GroupNorm groups
+  min(C // 4, 32), under the original's name (``ResnetBlockDDPMpp_k``)."""
+
+  num_groups: int | None = None
+
+
+class ResnetBlockBigGANpp(nn.Module):
+  """NCSN++'s BigGAN-style block (``resblock_type='biggan'``), optionally resampling by 2.
+
+  h = act(GN(x)); with ``up`` / ``down`` both h and x are resampled (FIR with ``fir``, else
+  nearest-neighbour copies / average pooling); h = Conv_0(h) + Dense_0(act(temb));
+  h = Conv_1(dropout(act(GN(h)))), Conv_1 initialised with ``init_scale``; x is projected by a
+  1x1 Conv_2 when the channels change or the block resamples; out = x + h (divided by sqrt(2)
+  with ``skip_rescale``).
+
+  Attributes:
+    act: activation function.
+    up: upsample by 2.
+    down: downsample by 2.
+    out_ch: output channels (``None`` keeps the input's).
+    dropout: dropout rate (active only when ``train``).
+    fir: FIR resampling.
+    fir_kernel: the FIR filter.
+    skip_rescale: divide the residual sum by sqrt(2).
+    init_scale: initialisation scale of Conv_1.
+  """
+
+  act: Activation = nn.swish
+  up: bool = False
+  down: bool = False
+  out_ch: int | None = None
+  dropout: float = 0.1
+  fir: bool = False
+  fir_kernel: Sequence[int] = up_or_down_sampling.DEFAULT_KERNEL
+  skip_rescale: bool = True
+  init_scale: float = 0.0
+
+  def _resample(self, x: Array) -> Array:
+    if self.up:
+      if self.fir:
+        return up_or_down_sampling.upsample_2d(x, self.fir_kernel, factor=2)
+      return up_or_down_sampling.naive_upsample_2d(x, factor=2)
+    if self.down:
+      if self.fir:
+        return up_or_down_sampling.downsample_2d(x, self.fir_kernel, factor=2)
+      return up_or_down_sampling.naive_downsample_2d(x, factor=2)
     return x
+
+  @nn.compact
+  def __call__(self, x: Array, temb: Array | None = None, train: bool = False) -> Array:
+    """(B, H, W, C), (B, E) or None -> (B, H', W', out_ch), H' = 2H (up), H/2 (down) or H."""
+    if self.up and self.down:
+      raise ValueError("A BigGAN block can upsample or downsample, not both; set up=False or down=False.")
+    channels = x.shape[-1]
+    out_ch = self.out_ch or channels
+    h = self.act(group_norm(channels)(x))
+    h, x = self._resample(h), self._resample(x)
+    h = conv3x3(h, out_ch)
+    if temb is not None:
+      h = h + nn.Dense(out_ch, kernel_init=default_init())(self.act(temb))[:, None, None, :]
+    h = self.act(group_norm(out_ch)(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = conv3x3(h, out_ch, init_scale=self.init_scale)
+    if channels != out_ch or self.up or self.down:
+      x = conv1x1(x, out_ch)
+    return residual_sum(x, h, self.skip_rescale)
+
+
+class Combine(nn.Module):
+  """Merges a skip x into h (NCSN++'s ``progressive_input='input_skip'``).
+
+  A 1x1 convolution (``Conv_0``) maps x to h's channels, then ``cat`` concatenates [x', h] on the
+  channel axis or ``sum`` adds x' + h.
+
+  Attributes:
+    method: ``cat`` or ``sum``.
+  """
+
+  method: str = "cat"
+
+  @nn.compact
+  def __call__(self, x: Array, h: Array) -> Array:
+    """(B, H, W, C_x), (B, H, W, C) -> (B, H, W, 2C) (cat) or (B, H, W, C) (sum)."""
+    if self.method not in ("cat", "sum"):
+      raise ValueError(f"Unknown combine method {self.method!r}; valid choices: ['cat', 'sum'].")
+    x = conv1x1(x, h.shape[-1])
+    return jnp.concatenate([x, h], axis=-1) if self.method == "cat" else x + h
+
+
+# --- the noise level of a label (networks that divide their output by sigma) ------------------------
+
+
+def smld_sigmas(sigma_min: float, sigma_max: float, num_scales: int) -> np.ndarray:
+  """The original's descending SMLD table exp(linspace(log sigma_max, log sigma_min, N)), float64."""
+  return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_scales))
+
+
+def noise_levels(labels: Array, continuous: bool, sigma_min: float, sigma_max: float, num_scales: int) -> Array:
+  """The VE noise level sigma (B,) that a score network was conditioned on with ``labels`` (B,).
+
+  Continuous training passes sigma itself as the label; discrete training passes the index k of
+  the descending table ``smld_sigmas`` (rounded, then clipped to [0, N - 1]), as the original's
+  ``scale_by_sigma`` does.
+  """
+  dtype = labels.dtype if jnp.issubdtype(labels.dtype, jnp.floating) else jnp.float32
+  if continuous:
+    return labels.astype(dtype)
+  index = jnp.clip(jnp.round(labels).astype(jnp.int32), 0, num_scales - 1)
+  return jnp.asarray(smld_sigmas(sigma_min, sigma_max, num_scales), dtype)[index]
+
+
+def check_image_shape(x: Array, ch_mult: Sequence[int], model: str) -> None:
+  """ValueError unless x is NHWC with H and W divisible by 2^(len(ch_mult) - 1)."""
+  if x.ndim != 4:
+    raise ValueError(f"{model} takes NHWC images of shape (B, H, W, C), got {x.shape}; use the 'mlp' "
+                     f"model for vectors.")
+  factor = 2 ** (len(ch_mult) - 1)
+  if x.shape[1] % factor or x.shape[2] % factor:
+    raise ValueError(f"Images of {x.shape[1]}x{x.shape[2]} cannot be halved {len(ch_mult) - 1} times "
+                     f"(ch_mult={tuple(ch_mult)}); use sizes divisible by {factor} or a shorter ch_mult.")

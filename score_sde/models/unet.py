@@ -9,8 +9,8 @@
     out = Conv3x3_0(SiLU(GN(h)))  (initialised near zero: an untrained network outputs ~0)
 
 Every ResnetBlock receives the noise-label embedding (when ``conditional``). GroupNorm's group
-count divides the channels (``layers.num_groups``), so small ``nf`` works. Dividing the output by
-sigma (``scale_by_sigma``) is the score wrapper's job (``models.wrapper``), not the network's.
+count divides the channels (``layers.num_groups``), so small ``nf`` works. This network never
+divides its output by sigma (the original's ``scale_by_sigma``, which ``ncsnpp`` and ``ddpm`` offer).
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ the score. sigma_t is the marginal std of ``sde.marginal_prob``; abar_i is the D
 (``VPSDE.sqrt_1m_alphas_cumprod``). The continuous VP label 999 t ignores N: the original
 hard-codes it, and its checkpoints were trained with it. The discrete VE label indexes the
 *descending* SMLD table, sigma_desc[k] = ``VESDE.discrete_sigmas[N - 1 - k]``, as NCSN's did.
-With ``scale_by_sigma`` (VE only) the score is out / sigma, sigma being the network's noise level
-(sigma_t, or the table entry); the original's models did this division internally.
+VE networks built with ``scale_by_sigma`` divide their output by that noise level themselves (sigma
+is the continuous label, or the table entry of the discrete one), as the original's models did, so
+the wrapper never rescales; a noise-predicting (VP / subVP) network must not set it.
 
 Rounding. The original looks the discrete VP std up at ``int(t (N - 1))``, which truncates: at
 t = i / (N - 1) in float32 the product falls just below i for 170 of the 1000 levels of N = 1000
@@ -116,7 +117,7 @@ def get_parameterisation(sde: sde_lib.SDE) -> Parameterisation:
                    f"entry to PARAMETERISATIONS.")
 
 
-def _check(sde: sde_lib.SDE, model: nn.Module, continuous: bool, scale_by_sigma: bool) -> None:
+def _check(sde: sde_lib.SDE, model: nn.Module, continuous: bool) -> None:
   """Raises ValueError for a combination that has no parameterisation."""
   param = get_parameterisation(sde)
   if not continuous and param.discrete is None:
@@ -125,10 +126,15 @@ def _check(sde: sde_lib.SDE, model: nn.Module, continuous: bool, scale_by_sigma:
   if fourier and not continuous:
     raise ValueError("Fourier features embed log(label), and discrete labels reach 0; use "
                      "embedding_type='positional' for discretely trained networks.")
-  if scale_by_sigma and param.output != "score":
-    raise ValueError(f"scale_by_sigma divides a score-predicting (VE) network by sigma; "
-                     f"{type(sde).__name__} networks predict noise, which is already divided by sigma_t. "
-                     f"Set scale_by_sigma=False.")
+  if getattr(model, "scale_by_sigma", False):
+    if param.output != "score":
+      raise ValueError(f"scale_by_sigma makes a score-predicting (VE) network divide its output by sigma; "
+                       f"{type(sde).__name__} networks predict noise, which the score divides by sigma_t. "
+                       f"Set config.model.scale_by_sigma=False.")
+    if model.continuous != continuous:
+      raise ValueError(f"The network divides by the sigma of {'continuous' if model.continuous else 'discrete'} "
+                       f"labels but is wrapped with continuous={continuous}; build it and wrap it with the same "
+                       f"config.training.continuous.")
 
 
 class ScoreFunction(struct.PyTreeNode):
@@ -145,7 +151,6 @@ class ScoreFunction(struct.PyTreeNode):
     continuous: the network was trained with continuous time (else on the discrete table).
     key: dropout key, used when ``train``.
     train: run the network in training mode (dropout on).
-    scale_by_sigma: divide a VE network's output by its noise level.
   """
 
   variables: Variables
@@ -154,7 +159,6 @@ class ScoreFunction(struct.PyTreeNode):
   continuous: bool = struct.field(pytree_node=False)
   key: Array | None = None
   train: bool = struct.field(pytree_node=False, default=False)
-  scale_by_sigma: bool = struct.field(pytree_node=False, default=False)
 
   def __call__(self, x: Array, t: Array) -> Array:
     """The score s(x, t) for x (B, ...) and t (B,) (a scalar is broadcast); shaped like x."""
@@ -166,12 +170,11 @@ class ScoreFunction(struct.PyTreeNode):
     out = self.model.apply(self.variables, x, labels, train=self.train, rngs=rngs)
     if param.output == "noise":
       return sde_lib.batch_mul(-1.0 / sigma, out)
-    return sde_lib.batch_mul(1.0 / sigma, out) if self.scale_by_sigma else out
+    return out
 
 
 def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, *, continuous: bool,
-                 train: bool = False, key: Array | None = None,
-                 scale_by_sigma: bool = False) -> ScoreFunction:
+                 train: bool = False, key: Array | None = None) -> ScoreFunction:
   """The score function of ``model`` with ``variables``, under the original's conventions.
 
   Args:
@@ -181,28 +184,26 @@ def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, *, co
     continuous: the network was trained in continuous time (else on the discrete DDPM / SMLD table).
     train: training mode (dropout on); needs ``key``.
     key: dropout key.
-    scale_by_sigma: divide a VE network's output by its noise level (``config.model.scale_by_sigma``).
 
   Returns:
     A pytree ``ScoreFunction``; ``score_fn(x (B, ...), t (B,))`` returns the score shaped like x.
   """
-  _check(sde, model, continuous, scale_by_sigma)
+  _check(sde, model, continuous)
   if not isinstance(variables, Mapping) or "params" not in variables:
     raise ValueError("variables must be the flax variables dict {'params': params, ...}; wrap a bare "
                      "parameter tree as {'params': params}, or use get_score_fn_builder for losses.")
   if train and key is None:
     raise ValueError("train=True runs dropout and needs a PRNG key; pass key=..., or train=False.")
   return ScoreFunction(variables=variables, model=model, sde=sde, continuous=continuous,
-                       key=key if train else None, train=train, scale_by_sigma=scale_by_sigma)
+                       key=key if train else None, train=train)
 
 
 def get_score_fn_builder(sde: sde_lib.SDE, model: nn.Module, *, continuous: bool,
-                         scale_by_sigma: bool = False,
                          variables: Variables | None = None) -> ScoreFnBuilder:
   """``build_score_fn(params, key, train) -> score_fn``, the form ``score_sde.losses`` takes.
 
   Args:
-    sde, model, continuous, scale_by_sigma: as for ``get_score_fn``.
+    sde, model, continuous: as for ``get_score_fn``.
     variables: the model's initial variables, if it has collections besides ``params``; those are
       held constant (none of this package's networks has any).
 
@@ -211,7 +212,7 @@ def get_score_fn_builder(sde: sde_lib.SDE, model: nn.Module, *, continuous: bool
     (``variables["params"]``, e.g. ``TrainState.params``), ``key`` a dropout key used when
     ``train``. It returns a ``ScoreFunction``.
   """
-  _check(sde, model, continuous, scale_by_sigma)
+  _check(sde, model, continuous)
   constants = {name: c for name, c in (variables or {}).items() if name != "params"}
 
   def build_score_fn(params: Params, key: Array | None, train: bool) -> ScoreFunction:
@@ -219,7 +220,7 @@ def get_score_fn_builder(sde: sde_lib.SDE, model: nn.Module, *, continuous: bool
       raise ValueError("build_score_fn takes the trainable tree variables['params'], not the whole "
                        "variables dict; pass variables['params'].")
     return get_score_fn(sde, model, {**constants, "params": params}, continuous=continuous, train=train,
-                        key=key, scale_by_sigma=scale_by_sigma)
+                        key=key)
 
   return build_score_fn
 
