@@ -1,0 +1,11 @@
+"""NCSN on CIFAR-10 with technique 5 of NCSNv2 only: as published (10 noise levels from 1 to
+0.01, 100 Langevin steps per level) plus an EMA of the weights (0.999): the original's ve/ncsn/cifar10_5. 30,117,635 parameters.
+"""
+
+from configs import default_cifar10
+from configs.ve.ncsn import common
+
+
+def get_config():
+  return common.ncsn_config(default_cifar10.get_default_configs(), num_scales=10, sigma_max=1.0,
+                            ema_rate=0.999, snr=0.316, n_steps_each=100)
