@@ -15,12 +15,16 @@ import dataclasses
 import flax.linen as nn
 import ml_collections
 
-from score_sde.models import ddpm, mlp, ncsnpp, unet
+from score_sde.models import ddpm, mlp, ncsnpp, ncsnv2, unet
 
 # Networks by ``config.model.name``.
 MODELS: dict[str, type[nn.Module]] = {
     "ddpm": ddpm.DDPM,
     "mlp": mlp.MLP,
+    "ncsn": ncsnv2.NCSN,
+    "ncsnv2_64": ncsnv2.NCSNv2,
+    "ncsnv2_128": ncsnv2.NCSNv2_128,
+    "ncsnv2_256": ncsnv2.NCSNv2_256,
     "ncsnpp": ncsnpp.NCSNpp,
     "unet": unet.UNet,
 }
