@@ -7,6 +7,7 @@ weights, inputs and outputs. Big networks are only traced (``jax.eval_shape``), 
 
 import functools
 import importlib
+import inspect
 import json
 import os
 import pathlib
@@ -19,7 +20,10 @@ from jax import lax
 
 from configs import default
 from score_sde import convert
+from score_sde import datasets
 from score_sde import models
+from score_sde import sde as sde_lib
+from score_sde import validation
 from score_sde.models import ddpm, layers, ncsnpp, up_or_down_sampling, wrapper
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -115,6 +119,13 @@ def test_the_paper_configs_are_shipped():
   assert {f"configs.{name}" for name in paper} <= set(CONFIGS)
 
 
+def _with(config, field, value):
+  config = config.copy_and_resolve_references()
+  section, key = field.split(".")
+  config[section][key] = value
+  return config
+
+
 # The original's counts of its other networks (millions, two decimals).
 ORIGINAL_MILLIONS = {
     "configs.ve.cifar10_ncsnpp_deep_continuous": 107.59, "configs.vp.cifar10_ddpmpp_deep_continuous": 106.63,
@@ -127,6 +138,13 @@ ORIGINAL_MILLIONS = {
 def test_every_config_builds_its_model(name):
   config = importlib.import_module(name).get_config()
   assert "loss" not in config.training  # The original's NCSN CelebA config had training.loss for training.sde.
+  # Every name and frequency checks out (image sets not registered yet are checked by their module's tests).
+  known = {*datasets.TOY_DATASETS, *datasets.IMAGE_DATASETS}
+  validation.validate(config if config.data.dataset.lower() in known else _with(config, "data.dataset", "cifar10"))
+  sde_name = config.training.sde.lower()
+  sde_args = inspect.signature(sde_lib.SDES[sde_name]).parameters
+  sde_lib.get_sde(sde_name, N=config.model.num_scales,
+                  **{k: config.model[k] for k in sde_args if k != "N" and k in config.model})
   out, variables, shape = _abstract(config)
   assert out.shape == shape
   count = wrapper.count_params(variables)

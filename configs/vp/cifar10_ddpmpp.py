@@ -1,5 +1,4 @@
-"""DDPM++ on CIFAR-10, VP SDE, discrete DDPM training. The original's vp/cifar10_ddpmpp.
-"""
+"""DDPM++ on CIFAR-10, VP SDE, discrete DDPM training. The original's vp/cifar10_ddpmpp."""
 
 from configs import default_cifar10
 

@@ -1,5 +1,4 @@
-"""DDPM++ cont. on CIFAR-10, VP SDE. The original's vp/cifar10_ddpmpp_continuous.
-"""
+"""DDPM++ cont. on CIFAR-10, VP SDE. The original's vp/cifar10_ddpmpp_continuous."""
 
 from configs import default_cifar10
 

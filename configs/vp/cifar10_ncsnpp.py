@@ -1,5 +1,4 @@
-"""NCSN++ on CIFAR-10, VP SDE, discrete DDPM training. The original's vp/cifar10_ncsnpp.
-"""
+"""NCSN++ on CIFAR-10, VP SDE, discrete DDPM training. The original's vp/cifar10_ncsnpp."""
 
 from configs import default_cifar10
 

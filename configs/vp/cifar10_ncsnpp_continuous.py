@@ -1,5 +1,4 @@
-"""NCSN++ cont. on CIFAR-10, VP SDE. The original's vp/cifar10_ncsnpp_continuous.
-"""
+"""NCSN++ cont. on CIFAR-10, VP SDE. The original's vp/cifar10_ncsnpp_continuous."""
 
 from configs import default_cifar10
 

@@ -25,6 +25,10 @@ The network, for L = len(ch_mult) levels at resolutions H / 2^l:
     out    = Conv3x3(act(GN(h)))   (or the output pyramid with ``output_skip``)
     out   /= sigma                 with ``scale_by_sigma`` (VE: the network outputs the score)
 
+sigma is the label itself for continuous training and the entry of the descending SMLD table for a
+discrete label (an index). The original looked sigma up in the table whenever the embedding was
+positional, which turns a continuous VE label into a meaningless index; here ``continuous`` decides.
+
 Residual sums are divided by sqrt(2) with ``skip_rescale``. Sub-modules are created in the
 original's order, so every parameter has the original's Flax name (``ResnetBlockBigGANpp_3``,
 ``Conv_0``, ...) and its checkpoints load one to one (``score_sde.convert``).

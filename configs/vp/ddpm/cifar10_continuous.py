@@ -1,5 +1,4 @@
-"""DDPM (Ho et al.'s U-Net) on CIFAR-10, continuous VP SDE. The original's vp/ddpm/cifar10_continuous.
-"""
+"""DDPM (Ho et al.'s U-Net) on CIFAR-10, continuous VP SDE. The original's vp/ddpm/cifar10_continuous."""
 
 from configs import default_cifar10
 
