@@ -119,6 +119,12 @@ def test_the_paper_configs_are_shipped():
   assert {f"configs.{name}" for name in paper} <= set(CONFIGS)
 
 
+def _keys(config, prefix=""):
+  """The dotted names of every field of a ConfigDict."""
+  return set().union(*({f"{prefix}{k}"} if not hasattr(v, "items") else _keys(v, f"{prefix}{k}.")
+                       for k, v in config.items()))
+
+
 def _with(config, field, value):
   config = config.copy_and_resolve_references()
   section, key = field.split(".")
@@ -137,7 +143,9 @@ ORIGINAL_MILLIONS = {
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_builds_its_model(name):
   config = importlib.import_module(name).get_config()
-  assert "loss" not in config.training  # The original's NCSN CelebA config had training.loss for training.sde.
+  # No undeclared key: the original's typos (training.loss for training.sde, training.continuouse) silently
+  # added new fields and left the intended ones at their defaults.
+  assert _keys(config) <= _keys(default.get_default_configs())
   # Every name and frequency checks out (image sets not registered yet are checked by their module's tests).
   known = {*datasets.TOY_DATASETS, *datasets.IMAGE_DATASETS}
   validation.validate(config if config.data.dataset.lower() in known else _with(config, "data.dataset", "cifar10"))
