@@ -2,9 +2,10 @@
 
 Ground truth comes from direct numpy computations (normalisations, interpolation), from closed-form
 parameter counts written out block by block from the published architectures, and from the SMLD
-sigma table computed in numpy. Networks are applied eagerly to numpy-drawn variables (shapes from
-``jax.eval_shape``), which costs far less than compiling their initialisers; the large variants are
-only traced (``jax.eval_shape``).
+sigma table computed in numpy, and from the NCSN authors' PyTorch networks (ermongroup/ncsnv2): their
+parameter counts and their outputs for given weights. Small networks run on numpy-drawn variables
+(shapes from ``jax.eval_shape``, far cheaper than compiling initialisers), each compiled once; the
+large variants and every config's network are only traced (``jax.eval_shape``).
 """
 
 import functools
@@ -273,6 +274,32 @@ def test_ncsnv2_parameter_names_follow_the_documented_mapping():
   assert "RefineBlock_3/RCUBlock_2/Conv_5/kernel" in p  # the last block's output RCU has 3 units of 2 convs
 
 
+def test_authors_names_cover_every_parameter_once():
+  cases = [(ncsnv2.NCSNv2_256(nf=4), (1, 32, 32, 3), {
+      "Conv_0/kernel": "begin_conv.weight",
+      "InstanceNorm2dPlus_0/alpha": "normalizer.alpha",
+      "ResidualBlock_2/shortcut/Conv_0/bias": "res2.0.shortcut.conv.bias",
+      "ResidualBlock_7/conv1/kernel": "res31.1.conv1.weight",
+      "ResidualBlock_8/normalize2/gamma": "res4.0.normalize2.gamma",
+      "RefineBlock_2/MSFBlock_0/Conv_1/kernel": "refine31.msf.convs.1.weight",
+      "RefineBlock_3/RCUBlock_1/Conv_2/kernel": "refine3.adapt_convs.1.2_1_conv.weight",
+      "RefineBlock_5/RCUBlock_2/Conv_5/kernel": "refine5.output_convs.3_2_conv.weight",
+  }), (ncsnv2.NCSN(nf=4, num_scales=3), (1, 8, 8, 1), {
+      "ConditionalResidualBlock_0/normalize1/Embed_0/embedding": "res1.0.normalize1.embed.weight",
+      "CondRefineBlock_0/CondRCUBlock_0/ConditionalInstanceNorm2dPlus_3/Embed_0/embedding":
+          "refine1.adapt_convs.0.2_2_norm.embed.weight",
+      "CondRefineBlock_1/CondCRPBlock_0/ConditionalInstanceNorm2dPlus_1/Embed_0/embedding":
+          "refine2.crp.norms.1.embed.weight",
+      "CondRefineBlock_3/CondMSFBlock_0/Conv_0/bias": "refine4.msf.convs.0.bias",
+  })]
+  for model, shape, expected in cases:
+    names = {path: ncsnv2.authors_name(model, path) for path in _param_shapes(model, shape)}
+    assert len(set(names.values())) == len(names)
+    assert {path: names[path] for path in expected} == expected
+  with pytest.raises(ValueError, match="no counterpart"):
+    ncsnv2.authors_name(ncsnv2.NCSNv2(normalization="InstanceNorm"), "InstanceNorm2d_0/scale")
+
+
 @pytest.mark.parametrize("cls, shape", [
     (ncsnv2.NCSNv2, (2, 32, 32, 3)),
     (ncsnv2.NCSNv2_128, (1, 128, 128, 3)),
@@ -356,7 +383,7 @@ def test_ncsn_conditions_on_the_noise_index():
 
 # Outputs of the NCSN authors' PyTorch networks (ermongroup/ncsnv2 ``NCSNv2`` and ``NCSN``)
 # with ngf = 4, 6 noise levels in [0.02, 8], given exactly the weights ``_random_variables`` draws here
-# (each leaf loaded under its PyTorch name by the table in ``models.ncsnv2``; kernels HWIO -> OIHW) and
+# (each leaf loaded under ``ncsnv2.authors_name`` with strict key checking; kernels HWIO -> OIHW) and
 # the images ``_images(SMALL_SHAPE, seed=1)``: out[b, i, j, 0] at PARITY_PIXELS, and mean |out| per image.
 PARITY_PIXELS = [(0, 0, 0), (0, 3, 5), (1, 7, 7), (1, 2, 1), (2, 4, 6), (2, 6, 0)]
 PARITY = [
@@ -442,7 +469,8 @@ def test_wide_resnet_28_10_structure_and_parameter_count():
   model = classifier.get_classifier(default.get_default_configs())
   assert (model.depth, model.widen_factor, model.num_classes) == (28, 10, 10)
   p = _param_shapes(model, (1, 32, 32, 3))
-  assert wrapper.count_params(p) == _wide_resnet_params(28, 10, 10, 3, 128)
+  # 38,913,242: the count of the original's WideResnet(blocks_per_group=4, channel_multiplier=10), traced.
+  assert wrapper.count_params(p) == _wide_resnet_params(28, 10, 10, 3, 128) == 38_913_242
   assert {k.split("/")[0] for k in p} == {"GaussianFourierProjection_0", "Dense_0", "Dense_1", "init_conv",
                                           "WideResnetGroup_0", "WideResnetGroup_1", "WideResnetGroup_2",
                                           "pre-pool-bn", "Dense_2"}

@@ -30,6 +30,8 @@ in ``CLASSIFIERS``).
 Parameter names are the original's (its checkpoints load as they are): ``GaussianFourierProjection_0/W``,
 ``Dense_0``, ``Dense_1`` (noise embedding), ``init_conv``, ``WideResnetGroup_{g}/WideResnetBlock_{b}/``
 {``init_bn``, ``conv1``, ``Dense_0``, ``bn_2``, ``conv2``}, ``pre-pool-bn``, ``Dense_2`` (logits).
+Given the same parameters, WRN-28-10 here returns the original's logits exactly; it has 38,913,242
+parameters (``small_wide_resnet`` for 8x8x1 digits: 346,426).
 """
 
 from __future__ import annotations
@@ -168,7 +170,8 @@ class WideResnet(nn.Module):
 
     Args:
       x: noisy images (B, H, W, C), H and W divisible by 4.
-      sigmas: their noise levels (B,) (VE sigma; positive).
+      sigmas: the noise level of each image (B,), positive: VE sigma(t), or the marginal std sigma_t
+        of another SDE (the embedding sees log sigma).
       train: unused (no dropout or batch statistics); kept for a common signature.
 
     Returns:

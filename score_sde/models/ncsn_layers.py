@@ -21,8 +21,8 @@ Images are NHWC (B, H, W, C); the label y is (B,) integer.
 Parameter names are flax's automatic names (``Conv_0``, ``RCUBlock_1``, ...), in the order the
 original JAX implementation created them, except inside the residual blocks, whose submodules carry
 the names of the PyTorch originals (``normalize1``, ``conv1``, ``normalize2``, ``conv2``,
-``shortcut``): there the automatic order depends on the branch taken. ``models.ncsnv2`` maps all of
-them to the originals' names.
+``shortcut``): there the automatic order depends on the branch taken. ``models.ncsnv2.authors_name``
+maps all of them to the authors' names.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ Parameter counts with nf = 128 (equal to the authors' networks): NCSNv2 29,694,0
 83,445,379; NCSNv2_256 94,132,611; NCSN v1 30,117,635 with 10 noise levels (each level adds one row,
 3C values, to each of its conditional normalisations: 39,750,659 with 232 levels, 51,379,715 with 500).
 
-Parameter names. Top level: ``Conv_0`` (first conv), ``ResidualBlock_i`` (ResNet blocks in order,
+Parameter names (``authors_name`` maps a path to the authors' key). Top level: ``Conv_0`` (first conv), ``ResidualBlock_i`` (ResNet blocks in order,
 two per stage; ``ConditionalResidualBlock_i`` for v1), ``RefineBlock_j`` (coarsest first;
 ``CondRefineBlock_j``), ``<Norm>_0`` (final normalisation, e.g. ``InstanceNorm2dPlus_0``), ``Conv_1``
 (last conv). From the authors' PyTorch state dict (conv weights OIHW -> HWIO by
@@ -266,4 +266,71 @@ class NCSN(nn.Module):
     return _output(self, ncsn_layers.conv(h, x.shape[-1]), labels)
 
 
-__all__ = ["NCSN", "NCSNv2", "NCSNv2_128", "NCSNv2_256"]
+# --- The NCSN authors' parameter names ---------------------------------------------------------------
+
+
+def _authors_blocks(n_stages: int) -> tuple[list[str], list[str]]:
+  """The authors' ResNet stage names, finest first, and RefineBlock names, coarsest first."""
+  if n_stages == 6:  # NCSNv2_256: the extra stage and its RefineBlock are numbered 31.
+    return ["res1", "res2", "res3", "res31", "res4", "res5"], ["refine1", "refine2", "refine31", "refine3",
+                                                               "refine4", "refine5"]
+  return [f"res{i + 1}" for i in range(n_stages)], [f"refine{i + 1}" for i in range(n_stages)]
+
+
+def _rcu_unit(index: int) -> str:
+  """``{b}_{s}`` of the k-th convolution (or normalisation) of an RCU block, 2 per unit."""
+  return f"{index // 2 + 1}_{index % 2 + 1}"
+
+
+def _index(name: str) -> int:
+  return int(name.rsplit("_", 1)[1])
+
+
+def authors_name(model: nn.Module, path: str) -> str:
+  """The key in the NCSN authors' PyTorch state_dict (ermongroup/ncsnv2) of one parameter of ``model``.
+
+  Args:
+    model: an ``NCSN``, ``NCSNv2``, ``NCSNv2_128`` or ``NCSNv2_256`` with ``InstanceNorm++`` or
+      ``VarianceNorm`` normalisation (the authors' InstanceNorm and GroupNorm have no parameters or no
+      counterpart).
+    path: the parameter's '/'-joined path in ``variables["params"]``, e.g.
+      ``ResidualBlock_2/conv2/Conv_0/kernel``.
+
+  Returns:
+    The authors' key, e.g. ``res2.0.conv2.conv.weight``. Values correspond one to one except conv
+    kernels, which the authors store OIHW: ``kernel = weight.transpose(2, 3, 1, 0)``.
+
+  Raises:
+    ValueError: for a path that has no counterpart.
+  """
+  top, *inner, leaf = path.split("/")
+  stages, refines = _authors_blocks(len(model.stages))
+  leaves = {"kernel": "weight", "bias": "bias", "alpha": "alpha", "gamma": "gamma", "beta": "beta",
+            "embedding": "weight", "scale": "alpha" if model.normalization == "VarianceNorm" else None}
+  if leaves.get(leaf) is None:
+    raise ValueError(f"{path} has no counterpart in the NCSN authors' networks (their {model.normalization} "
+                     f"has no parameter {leaf!r}).")
+  inner = ["embed" if part == "Embed_0" else part for part in inner]
+  if top in ("Conv_0", "Conv_1"):
+    key = ["begin_conv" if top == "Conv_0" else "end_conv"]
+  elif top.endswith("Norm2dPlus_0") or top.endswith("Norm2d_0"):
+    key = ["normalizer", *inner]
+  elif "ResidualBlock_" in top:
+    i = _index(top)
+    key = [stages[i // 2], str(i % 2), inner[0], *(["conv"] if inner[1:2] == ["Conv_0"] else inner[1:])]
+  elif "RefineBlock_" in top:
+    j = _index(top)
+    block, layer, rest = inner[0], inner[1], inner[2:]
+    if "RCUBlock_" in block:
+      k = _index(block)
+      part = ["output_convs"] if k == (1 if j == 0 else 2) else ["adapt_convs", str(k)]
+      key = [refines[j], *part, f"{_rcu_unit(_index(layer))}_{'conv' if layer.startswith('Conv') else 'norm'}", *rest]
+    else:  # MSFBlock_0 / CRPBlock_0 (or their conditional versions): convs.i and norms.i.
+      key = [refines[j], "msf" if "MSF" in block else "crp", "convs" if layer.startswith("Conv") else "norms",
+             str(_index(layer)), *rest]
+  else:
+    raise ValueError(f"{path} is not a parameter path of {type(model).__name__}.")
+  return ".".join([*key, leaves[leaf]])
+
+
+__all__ = ["NCSN", "NCSNv2", "NCSNv2_128", "NCSNv2_256", "authors_name"]
