@@ -36,7 +36,8 @@ Sources. Toy sets are drawn once from fixed data seeds (like a real finite data 
 pipeline seed only orders and augments them). Digits are scikit-learn's 8x8 ``load_digits``
 (values 0..16 mapped to 0..255) with a fixed 1500 / 297 train / test split. TFDS sets are read
 with ``tfds.data_source`` (ArrayRecord; no TensorFlow in the training process; preparing a set
-needs TensorFlow once, see ``tfds_source``). Images whose size differs from ``image_size`` are
+needs TensorFlow once, see ``tfds_source``); CelebA and LSUN are centre-cropped first, as in the
+original (``CroppedSource``), and FFHQ / CelebA-HQ are folders of images (``folder_source``). Images whose size differs from ``image_size`` are
 resized with PIL (bilinear, antialiased when shrinking) on uint8, so they stay 8-bit and
 dequantisation and bits/dim stay meaningful (the original resized floats).
 """
@@ -46,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import pathlib
 import sys
 import zlib
 from typing import Any, Callable, Sequence
@@ -245,10 +247,75 @@ def tfds_source(name: str, split: str, data_dir: str | None = None) -> Sequence[
         f"(TensorFlow is not needed for training).") from e
 
 
-# Image sets by name (lower case): (split, data_dir) -> source of uint8 (H, W, C) images.
+@dataclasses.dataclass(frozen=True, eq=False)
+class CroppedSource:
+  """``source`` with each image centre-cropped to a square: ``crop`` pixels, or the shorter side (0).
+
+  The pipeline then resizes the square to ``data.image_size`` (antialiased bilinear when shrinking).
+  """
+
+  source: Sequence[dict[str, Any]]
+  crop: int = 0
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    example = self.source[index]
+    image = np.asarray(example["image"])
+    h, w = image.shape[:2]
+    size = self.crop or min(h, w)
+    top, left = (h - size) // 2, (w - size) // 2
+    return {"image": image[top:top + size, left:left + size], "label": example.get("label", 0)}
+
+
+def _tfds_split(name: str, test_split: str, crop: int | None = None) -> Callable:
+  """A TFDS set whose held-out split is ``test_split``; images centre-cropped when ``crop`` is not None."""
+
+  def make(split: str, data_dir: str | None) -> Sequence[dict[str, Any]]:
+    _check_split(split)
+    source = tfds_source(name, test_split if split == "test" else split, data_dir)
+    return source if crop is None else CroppedSource(source, crop)
+
+  return make
+
+
+def folder_source(split: str, data_dir: str | None, name: str = "this data set") -> ArraySource:
+  """Every PNG / JPEG image under ``data_dir`` (sorted by path) as uint8 (N, H, W, C), label 0.
+
+  ``data_dir/train`` and ``data_dir/test`` are the splits when both exist; otherwise both splits
+  are every image (as for FFHQ and CelebA-HQ, which have no held-out split).
+
+  Raises:
+    FileNotFoundError: when ``data_dir`` is unset or holds no images, saying what to put there.
+  """
+  _check_split(split)
+  if not data_dir:
+    raise FileNotFoundError(f"{name} is read from a folder of PNG or JPEG images: set --config.data.data_dir to "
+                            f"it (for example the 256x256 images of StyleGAN's dataset tool, exported as PNG).")
+  root = pathlib.Path(data_dir)
+  if (root / "train").is_dir() and (root / "test").is_dir():
+    root = root / split
+  paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+  if not paths:
+    raise FileNotFoundError(f"No .png / .jpg images under {root} for {name}; put the images there or point "
+                            f"--config.data.data_dir at the folder that holds them.")
+  images = np.stack([np.asarray(PIL.Image.open(p).convert("RGB")) for p in paths])
+  return ArraySource(images, np.zeros(len(images), np.int32))
+
+
+# Image sets by name (lower case): (split, data_dir) -> source of uint8 (H, W, C) images. Held-out
+# splits and crops follow the original: CelebA's validation split, centre crop 140; LSUN's
+# validation split, centre square crop; FFHQ and CelebA-HQ from image folders at full size.
 IMAGE_DATASETS: dict[str, Callable[[str, str | None], Sequence[dict[str, Any]]]] = {
     "digits": lambda split, data_dir: digits_source(split),
     "cifar10": functools.partial(tfds_source, "cifar10"),
+    "svhn": functools.partial(tfds_source, "svhn_cropped"),
+    "celeba": _tfds_split("celeb_a", "validation", crop=140),
+    "lsun/bedroom": _tfds_split("lsun/bedroom", "validation", crop=0),
+    "lsun/church_outdoor": _tfds_split("lsun/church_outdoor", "validation", crop=0),
+    "ffhq": functools.partial(folder_source, name="FFHQ"),
+    "celebahq": functools.partial(folder_source, name="CelebA-HQ"),
 }
 
 

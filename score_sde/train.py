@@ -147,6 +147,39 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     parallel.check_batch_size(config.sampling.batch_size, mesh, "sampling.batch_size")
 
 
+def build_step_fns(config: ml_collections.ConfigDict, sde: sde_lib.SDE, model, example: tuple[int, ...]
+                   ) -> tuple[Callable, Callable, Callable]:
+  """The pure programs of training, before any sharding: ``(init_state, train_fn, eval_fn)``.
+
+  ``init_state(key) -> TrainState``; ``train_fn(key, state, images) -> (state, metrics)`` and
+  ``eval_fn(key, state, images) -> mean eval loss`` take batches in [0, 1] data space of shape
+  (B, *example), or (n_jitted_steps, B, *example), and apply the data scaler themselves.
+  """
+  t = config.training
+  optimizer = build_optimizer(config)
+  scaler = datasets.get_data_scaler(config.data.centered)
+  build_score_fn = wrapper.get_score_fn_builder(sde, model, continuous=t.continuous)
+  loss_options = dict(continuous=t.continuous, reduce_mean=t.reduce_mean, likelihood_weighting=t.likelihood_weighting,
+                      importance_weighting=t.importance_weighting, eps=t.eps)
+  train_step = losses.get_step_fn(losses.get_loss_fn(sde, build_score_fn, train=True, **loss_options), optimizer,
+                                  train=True, ema_rate=config.model.ema_rate, ema_warmup=config.model.ema_warmup,
+                                  n_jitted_steps=t.n_jitted_steps)
+  eval_step = losses.get_step_fn(losses.get_loss_fn(sde, build_score_fn, train=False, **loss_options), optimizer,
+                                 train=False, n_jitted_steps=t.n_jitted_steps)
+  input_shape = (1,) + tuple(example)
+
+  def init_state(key: Array) -> losses.TrainState:
+    return losses.init_train_state(wrapper.init_model(key, model, input_shape)["params"], optimizer)
+
+  def train_fn(key: Array, state: losses.TrainState, images: Array):
+    return train_step(key, state, scaler(images))
+
+  def eval_fn(key: Array, state: losses.TrainState, images: Array) -> Array:
+    return jnp.mean(eval_step(key, state, scaler(images))[1]["loss"])
+
+  return init_state, train_fn, eval_fn
+
+
 # --- Host-side bookkeeping -------------------------------------------------------------------------
 
 
@@ -307,19 +340,10 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
   # SDE, network, optimiser, losses and data.
   sde = build_sde(config)
   model = models.get_model(config)
-  optimizer = build_optimizer(config)
   lr_schedule = losses.get_lr_schedule(config.optim.lr, config.optim.warmup)
   train_ds, eval_ds = datasets.get_dataset(config)
-  scaler = datasets.get_data_scaler(config.data.centered)
   inverse_scaler = datasets.get_data_inverse_scaler(config.data.centered)
-  build_score_fn = wrapper.get_score_fn_builder(sde, model, continuous=t.continuous)
-  loss_options = dict(continuous=t.continuous, reduce_mean=t.reduce_mean, likelihood_weighting=t.likelihood_weighting,
-                      importance_weighting=t.importance_weighting, eps=t.eps)
-  train_step = losses.get_step_fn(losses.get_loss_fn(sde, build_score_fn, train=True, **loss_options), optimizer,
-                                  train=True, ema_rate=config.model.ema_rate, ema_warmup=config.model.ema_warmup,
-                                  n_jitted_steps=k)
-  eval_step = losses.get_step_fn(losses.get_loss_fn(sde, build_score_fn, train=False, **loss_options), optimizer,
-                                 train=False, n_jitted_steps=k)
+  init_state, train_fn, eval_fn = build_step_fns(config, sde, model, tuple(train_ds.element_shape))
 
   # Keys: one base key per purpose, folded with the step inside the programs.
   replicated = parallel.replicated(mesh)
@@ -329,17 +353,6 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
   # Compiled programs: state replicated (and donated to the train step), batches sharded over the mesh.
   batch_axis = 0 if k == 1 else 1  # with k > 1, axis 0 holds the k batches of one call
   batch_sharding = parallel.batch_sharding(mesh, batch_axis)
-  input_shape = (1,) + tuple(train_ds.element_shape)
-
-  def init_state(key: Array) -> losses.TrainState:
-    return losses.init_train_state(wrapper.init_model(key, model, input_shape)["params"], optimizer)
-
-  def train_fn(key, state, images):
-    return train_step(key, state, scaler(images))
-
-  def eval_fn(key, state, images):
-    return jnp.mean(eval_step(key, state, scaler(images))[1]["loss"])
-
   p_init = jax.jit(init_state, out_shardings=replicated)
   p_train = jax.jit(train_fn, in_shardings=(replicated, replicated, batch_sharding),
                     out_shardings=(replicated, replicated), donate_argnums=1)

@@ -282,3 +282,38 @@ def test_toy_pipeline_from_config_carries_the_density():
   assert batch["image"].shape == (16, 2) and batch["mask"].all() and train_ds.num_examples == 1000
   assert train_ds.density is not None and eval_ds.num_examples == 10_000 and not train_ds.eight_bit
   assert "tensorflow" not in sys.modules
+
+
+def test_celeba_is_centre_cropped_to_140_then_resized():
+  config = _config("CELEBA", image_size=16, random_flip=False)
+  config.eval.batch_size = 8
+  with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = tfds.data_source("celeb_a", split="validation")
+    _, eval_ds = datasets.get_dataset(config, evaluation=True)
+    batch = next(eval_ds.make_iterator())
+  image = np.asarray(source[0]["image"])
+  h, w = image.shape[:2]
+  crop = image[(h - 140) // 2:(h - 140) // 2 + 140, (w - 140) // 2:(w - 140) // 2 + 140]
+  expected = np.stack([np.asarray(PIL.Image.fromarray(crop[..., c]).resize((16, 16), PIL.Image.Resampling.BILINEAR))
+                       for c in range(3)], -1)
+  assert batch["image"].shape == (8, 16, 16, 3)
+  np.testing.assert_array_equal(np.round(batch["image"][0] * 255).astype(np.uint8), expected)
+
+
+def test_image_folder_data_set(tmp_path):
+  rng = np.random.default_rng(0)
+  for i in range(5):
+    PIL.Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / f"{i:05d}.png")
+  config = _config("FFHQ", image_size=12, random_flip=False, data_dir=str(tmp_path))
+  config.eval.batch_size = 4
+  train_ds, eval_ds = datasets.get_dataset(config, evaluation=True)
+  assert train_ds.num_examples == eval_ds.num_examples == 5      # no held-out split: both are every image
+  batches = list(eval_ds.make_iterator())
+  first = np.asarray(PIL.Image.open(tmp_path / "00000.png"))
+  np.testing.assert_array_equal(np.round(batches[0]["image"][0] * 255).astype(np.uint8), first)
+  assert sum(int(b["mask"].sum()) for b in batches) == 5
+
+
+def test_image_folder_without_data_dir_says_what_to_set():
+  with pytest.raises(FileNotFoundError, match="--config.data.data_dir"):
+    datasets.get_dataset(_config("FFHQ", image_size=256, random_flip=False))
