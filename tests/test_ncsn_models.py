@@ -46,7 +46,8 @@ def _jit_apply(model):
 
 
 def _apply(model, variables, x, labels):
-  return np.asarray(_jit_apply(model)(variables, x, labels), np.float64)
+  with jax.default_matmul_precision("highest"):  # full float32 convolutions on GPUs too (no TF32)
+    return np.asarray(_jit_apply(model)(variables, x, labels), np.float64)
 
 
 def _param_shapes(model, shape):
@@ -342,32 +343,30 @@ def _one_image_thrice():
 
 
 def test_scale_by_sigma_divides_by_the_descending_table():
-  """Through the score wrapper: discrete VE labels index the network's table at the SDE's own sigma."""
+  """Discrete labels k index the descending table, the VE SDE's own sigmas in reverse."""
   model = ncsnv2.NCSNv2(**SMALL)  # scale_by_sigma and discrete labels are the defaults
-  variables = _random_variables(model, SMALL_SHAPE)
   sde = sde_lib.VESDE(SMALL["sigma_min"], SMALL["sigma_max"], SMALL["num_scales"])
   np.testing.assert_allclose(SMALL_SIGMAS, sde.discrete_sigmas[::-1], rtol=1e-12)
-  x = _one_image_thrice()
-  out = _apply(model, variables, x, jnp.array([0.0, 3.0, 5.0]))
+  out = _apply(model, _random_variables(model, SMALL_SHAPE), _one_image_thrice(), jnp.array([0.0, 3.0, 5.0]))
   # NCSNv2 is unconditional but for the division, so sigma_k times the output is the same at every level.
   unscaled = out * SMALL_SIGMAS[[0, 3, 5], None, None, None]
   np.testing.assert_allclose(unscaled[1:], unscaled[[0, 0]], rtol=1e-5, atol=1e-6)
   assert np.abs(out[0] - out[2]).max() > 1.0  # the division matters
-  # The wrapper's discrete labels of t = 1, 0.4, 0 are the levels k = 0, 3, 5 (run eagerly: no compile).
-  score = wrapper.get_score_fn(sde, model, variables, continuous=False)(x, jnp.array([1.0, 0.4, 0.0]))
-  np.testing.assert_allclose(np.asarray(score, np.float64), out, rtol=1e-5, atol=1e-6)
 
 
 def test_continuous_sigma_labels_and_centred_inputs():
-  """Continuous labels are sigma itself; centred inputs skip the 2x - 1 map."""
+  """Through the score wrapper: continuous VE labels are sigma(t) itself; centred inputs skip 2x - 1."""
   model = ncsnv2.NCSNv2(**SMALL)
   variables = _random_variables(model, SMALL_SHAPE)
   x = _images(SMALL_SHAPE)
   unscaled = _apply(model, variables, x, jnp.array([0.0, 3.0, 5.0])) * SMALL_SIGMAS[[0, 3, 5], None, None, None]
-  continuous = model.clone(continuous=True, centered=True)
-  sigma = jnp.array([0.05, 1.0, 7.5])  # 1.0 would be a table index if read as one
-  scaled = np.asarray(continuous.apply(variables, 2 * x - 1, sigma), np.float64)  # eager
-  np.testing.assert_allclose(scaled, unscaled / np.asarray(sigma)[:, None, None, None], rtol=1e-4, atol=1e-6)
+  sde = sde_lib.VESDE(SMALL["sigma_min"], SMALL["sigma_max"], SMALL["num_scales"])
+  sigma = np.array([0.05, 1.0, 7.5])  # 1.0 would be a table index if read as one
+  t = np.log(sigma / SMALL["sigma_min"]) / np.log(SMALL["sigma_max"] / SMALL["sigma_min"])
+  score_fn = wrapper.get_score_fn(sde, model.clone(continuous=True, centered=True), variables, continuous=True)
+  score = jax.jit(lambda f, x, t: f(x, t), compiler_options=FAST_COMPILE)(score_fn, 2 * x - 1, jnp.asarray(t))
+  np.testing.assert_allclose(np.asarray(score, np.float64), unscaled / sigma[:, None, None, None], rtol=1e-4,
+                             atol=1e-6)
 
 
 def test_ncsn_conditions_on_the_noise_index():
