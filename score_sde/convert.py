@@ -25,6 +25,9 @@ weight -> scale, ``NIN.W`` and ``GaussianFourierProjection.W`` as they are. The 
 unnamed list of the trainable parameters in state_dict order (the frozen Fourier ``W`` is not in
 it; the imported EMA tree takes the model's ``W``).
 
+``params_to_torch_state_dict`` is the inverse map (this framework's parameters as a state_dict of
+the port, to run it there).
+
 Every import is strict, unlike the port's ``load_state_dict(strict=False)``: a key that maps to no
 parameter, a parameter without a key, or a shape that differs is a ``ValueError`` listing them;
 the ``sigmas`` buffer must equal the model's noise schedule. The result has exactly the structure

@@ -32,6 +32,11 @@ FIXTURE_CASES = ("ncsnpp_ve_fourier", "ncsnpp_ve_outputskip", "ddpmpp_vp_positio
 KEY = jax.random.key(0)
 
 
+def run(fn, *args):
+  """fn(*args) compiled without XLA's backend optimisations: tiny networks compile about twice as fast."""
+  return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
+
+
 def fixture_dir(case: str) -> pathlib.Path:
   """The folder of a reference fixture; skips the test when the fixtures are not there."""
   folder = FIXTURES / case
@@ -70,7 +75,7 @@ def test_reference_outputs_are_reproduced(case):
   config, model, io, ckpt = load_fixture(case)
   reference = json.loads((FIXTURES / case / "config.json").read_text())
   assert wrapper.count_params(ckpt.params) == reference["param_count"]
-  out = np.asarray(jax.jit(model.apply)({"params": ckpt.params}, io["x_nhwc"], io["labels"]))
+  out = np.asarray(run(model.apply, {"params": ckpt.params}, io["x_nhwc"], io["labels"]))
   ref = io["out_nhwc"]
   assert out.shape == ref.shape
   # Per sample: VE outputs are divided by sigma, so the two samples differ in scale by up to 32x.
@@ -89,12 +94,16 @@ PAPER_COUNTS = {
 
 def _abstract(config):
   """Traces the network of ``config`` on one example: (output ShapeDtypeStruct, abstract variables, input shape)."""
-  model = models.get_model(config)
   size = config.data.image_size
   shape = (1, size, size, config.data.num_channels) if size else (1, 2)
-  labels = jnp.full((1,), 0.5 if config.training.continuous else 3.0)
-  out, variables = jax.eval_shape(lambda k: model.init_with_output(k, jnp.zeros(shape), labels), KEY)
-  return out, variables, shape
+  return (*_trace(models.get_model(config), shape), shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _trace(model, shape):
+  """(output, variables) of ``model`` on zeros of ``shape``, abstractly; configs that build equal networks share it."""
+  labels = jnp.full((1,), 0.5 if getattr(model, "continuous", True) else 3.0)
+  return jax.eval_shape(lambda k: model.init_with_output(k, jnp.zeros(shape), labels), KEY)
 
 
 # Every config of a score model (modules of shared helpers have no get_config; configs/classifier/
@@ -260,8 +269,7 @@ def _pair(cls, **kwargs):
   x = jax.random.normal(KEY, (2, 8, 8, 3))
   labels = jnp.array([0.5, 30.0]) if kwargs.get("continuous", True) else jnp.array([3.0, 997.0])
   variables = random_variables(plain, x, labels)
-  return (np.asarray(jax.jit(plain.apply)(variables, x, labels)), np.asarray(jax.jit(scaled.apply)(variables, x, labels)),
-          labels)
+  return np.asarray(run(plain.apply, variables, x, labels)), np.asarray(run(scaled.apply, variables, x, labels)), labels
 
 
 ONE_LEVEL = dict(nf=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0, fir=False,
@@ -280,8 +288,9 @@ def test_dropout_acts_in_training():
   model = ncsnpp.NCSNpp(**{**ONE_LEVEL, "dropout": 0.5})
   x, labels = jax.random.normal(KEY, (1, 8, 8, 3)), jnp.ones(1)
   variables = random_variables(model, x, labels)
-  apply = jax.jit(lambda key: model.apply(variables, x, labels, train=True, rngs={"dropout": key}))
-  assert not np.allclose(apply(jax.random.key(1)), apply(jax.random.key(2)))
+  outputs = run(jax.vmap(lambda key: model.apply(variables, x, labels, train=True, rngs={"dropout": key})),
+                jax.random.split(jax.random.key(1)))
+  assert not np.allclose(outputs[0], outputs[1])
 
 
 def test_fourier_frequencies_never_train():
