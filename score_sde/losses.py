@@ -389,3 +389,62 @@ def get_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, tra
     return jax.lax.scan(lambda s, kb: one_step(kb[0], s, kb[1]), state, (keys, batch))
 
   return step_fn
+
+
+# --- EDM training loss ---------------------------------------------------------------------------------
+# (Imports of this section only; kept here so that the section is self-contained.)
+from score_sde.models import edm as edm_lib  # noqa: E402
+from score_sde.sampling import noise_levels  # noqa: E402
+
+
+def get_edm_loss_fn(sde: sde_lib.SDE, build_score_fn: ScoreFnBuilder, *, train: bool,
+                    sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
+                    reduce_mean: bool = True, eps: float = 1e-5) -> LossFn:
+  """EDM's training loss (Karras et al. 2022, Sec. 5) for any SDE and any score function.
+
+  In the VE view y = x / alpha_t with noise level sigma~ = sigma_t / alpha_t:
+
+      L = E_{sigma~} E_{x_0} E_n [ lambda(sigma~) || D_theta(x_0 + sigma~ n; sigma~) - x_0 ||^2 ],
+
+  ln sigma~ ~ N(p_mean, p_std^2), lambda = 1 / c_out^2 = (sigma~^2 + sigma_d^2) / (sigma~ sigma_d)^2.
+  Each sigma~ is mapped to the SDE's time t with lambda_t = -log sigma~ (bisection,
+  ``noise_levels.t_of_lambda``; levels outside [sigma~(eps), sigma~(T)] are clipped to the SDE's
+  range, and the loss uses the level of the clipped t); then x_t = alpha_t (x_0 + sigma~ n) and the
+  denoiser is Tweedie's D = (x_t + sigma_t^2 s_theta(x_t, t)) / alpha_t. With an EDM-preconditioned
+  network (``models.edm.get_edm_score_fn_builder``) this is EDM's loss exactly, and the effective
+  target of the network F has unit weight; any other score model trains under the same objective.
+
+  Args:
+    sde: the forward SDE.
+    build_score_fn: ``build_score_fn(params, key, train) -> score_fn``.
+    train: passed to ``build_score_fn``.
+    sigma_data: sigma_d, the data's standard deviation (0.5 for images in [-1, 1]).
+    p_mean, p_std: the log-normal distribution of sigma~ (EDM: -1.2, 1.2).
+    reduce_mean: mean over dimensions per example, else 0.5 * sum.
+    eps: smallest time, 0 < eps < T.
+
+  Returns:
+    ``loss_fn(key, params, batch) -> (loss, {"per_example": (B,), "t": (B,)})``.
+  """
+  if not 0 < eps < sde.T:
+    raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps}.")
+  if not (sigma_data > 0 and p_std > 0):
+    raise ValueError(f"sigma_data and p_std must be positive, got sigma_data={sigma_data}, p_std={p_std}.")
+  precond = edm_lib.EDMPreconditioning(sigma_data)
+
+  def loss_fn(key: Array, params: Params, batch: Array) -> tuple[Array, dict[str, Array]]:
+    k_sigma, k_n, k_model = jax.random.split(key, 3)
+    b = batch.shape[0]
+    # Noise levels ln sigma~ ~ N(p_mean, p_std^2), as times of the SDE.
+    log_sigma = p_mean + p_std * jax.random.normal(k_sigma, (b,))
+    t = noise_levels.t_of_lambda(sde, -log_sigma, eps, sde.T)
+    alpha, sigma = sde.alpha_sigma(t)
+    # Perturb, denoise, and weight by 1 / c_out^2.
+    n = jax.random.normal(k_n, batch.shape, batch.dtype)
+    x_t = sde_lib.batch_mul(alpha, batch) + sde_lib.batch_mul(sigma, n)
+    score = build_score_fn(params, k_model, train)(x_t, t)
+    denoised = edm_lib.denoiser_from_score(score, x_t, alpha, sigma)
+    per_example = precond.loss_weight(sigma / alpha) * _reduce((denoised - batch) ** 2, reduce_mean)
+    return jnp.mean(per_example), {"per_example": per_example, "t": t}
+
+  return loss_fn

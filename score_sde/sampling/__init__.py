@@ -1,8 +1,13 @@
-"""Samplers that share one score function: predictor-corrector and probability-flow ODE.
+"""Samplers that share one score function: predictor-corrector, probability-flow ODE, fast solvers.
 
     sampler = get_sampler(sde, shape, method="pc", predictor="reverse_diffusion",
                           corrector="langevin", snr=0.16, n_steps=1, ...)
+    sampler = get_sampler(sde, shape, method="unipc", nfe=10, order=3, time_grid="logsnr")
     samples, nfe = sampler(key, score_fn)
+
+The fixed-budget solvers (``euler``, ``heun``, ``dpm_solver``, ``dpm_solver++``, ``unipc``) work in
+the VE view of ``noise_levels`` for every SDE and take ``nfe`` (the exact number of score
+evaluations), ``order``, ``time_grid`` (``noise_levels.TIME_GRIDS``), ``eps`` and ``denoise``.
 
 Every sampler is compiled as one program. ``score_fn(x, t)`` may be any callable; arrays held
 in a pytree callable (for example ``jax.tree_util.Partial(apply_fn, params)``) are traced, so new
@@ -14,7 +19,7 @@ from __future__ import annotations
 from typing import Callable
 
 from score_sde import sde as sde_lib
-from score_sde.sampling import ode, pc
+from score_sde.sampling import dpm_solver, dpm_solver_pp, euler, heun, ode, pc, unipc
 from score_sde.sampling.correctors import CORRECTORS
 from score_sde.sampling.predictors import PREDICTORS
 
@@ -22,6 +27,11 @@ from score_sde.sampling.predictors import PREDICTORS
 METHODS: dict[str, Callable] = {
     "pc": pc.get_pc_sampler,
     "ode": ode.get_ode_sampler,
+    "euler": euler.get_euler_sampler,
+    "heun": heun.get_heun_sampler,
+    "dpm_solver": dpm_solver.get_dpm_solver_sampler,
+    "dpm_solver++": dpm_solver_pp.get_dpm_solver_pp_sampler,
+    "unipc": unipc.get_unipc_sampler,
 }
 
 

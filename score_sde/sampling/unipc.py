@@ -1,0 +1,127 @@
+"""UniPC (Zhao et al. 2023): a multistep predictor (UniP-p) and corrector (UniC-p) on the denoiser.
+
+In the VE view (``noise_levels``), with h = lambda_t - lambda_s and the denoiser values m_0 = D at
+s, m_{-k} at earlier nodes, r_k = (lambda_{-k} - lambda_s) / h and D1_k = (m_{-k} - m_0) / r_k,
+both share one form (data prediction):
+
+    y_t = e^{-h} y_s + (1 - e^{-h}) m_0 - B(h) sum_k rho_k D1_k,
+
+with B(h) = -h (``bh1``) or e^{-h} - 1 (``bh2``). The weights rho solve sum_k rho_k r_k^{j-1} =
+b_j = -h phi_{j+1}(-h) j! / B(h), j = 1..n, which matches the Taylor expansion of the exact step
+(``noise_levels.phi``) up to the n-th derivative. The predictor of order q uses the q - 1 earlier
+nodes (rho = 1/2 for q = 2, as the authors); the corrector adds the new point r = 1 with
+m_t = D(y_t^pred, t) (rho = 1/2 for q = 1). m_t is also the value the next step needs, so the
+corrector raises the order by one (UniPC-p has order p + 1) at no extra evaluation; the final step
+is not corrected (that would cost one). Evaluations: one at T, then one per step but the last, so
+``nfe`` steps. Warm-up orders 1, 2, ... and ``lower_order_final`` as ``dpm_solver_pp``. All weights
+are computed once in float64; the run is one ``lax.scan`` plus the uncorrected last step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from score_sde import sde as sde_lib
+from score_sde.sampling import dpm_solver_pp, fixed_budget, noise_levels, ode
+
+Array = jax.Array
+
+ORDERS = (1, 2, 3)
+VARIANTS = ("bh1", "bh2")
+
+
+def _rhos(r: np.ndarray, h: float, B: float) -> np.ndarray:
+  """rho solving sum_k rho_k r_k^{j-1} = -h phi_{j+1}(-h) j! / B, j = 1..len(r) (1/2 for one point)."""
+  n = len(r)
+  if n == 1:
+    return np.array([0.5])
+  R = np.stack([r**j for j in range(n)])
+  b = np.array([-h * noise_levels.phi(j + 1, -h) * math.factorial(j) / B for j in range(1, n + 1)])
+  return np.linalg.solve(R, b)
+
+
+def _weights(lv: noise_levels.Levels, orders: np.ndarray, width: int, variant: str) -> dict[str, np.ndarray]:
+  """Per-step float64 weights of the predictor and corrector on the history [m_i, m_{i-1}, ...] (newest
+  first) and, for the corrector, on the new value m_{i+1}."""
+  steps = len(orders)
+  decay, pred_w, corr_w, corr_new = np.zeros(steps), np.zeros((steps, width)), np.zeros((steps, width)), np.zeros(steps)
+  for i, q in enumerate(orders):
+    h = lv.lam[i + 1] - lv.lam[i]
+    B = -h if variant == "bh1" else math.expm1(-h)
+    r = (lv.lam[i - np.arange(1, q)] - lv.lam[i]) / h  # Earlier nodes: r_k < 0.
+    base = np.zeros(width)
+    base[0] = -math.expm1(-h)
+    decay[i] = math.exp(-h)
+    # Predictor: -B sum_k rho_k (m_{-k} - m_0) / r_k over the q - 1 earlier nodes.
+    pred_w[i] = base
+    if q >= 2:
+      rho = _rhos(r, h, B)
+      pred_w[i, 1:q] -= B * rho / r
+      pred_w[i, 0] += B * np.sum(rho / r)
+    # Corrector: the same with the new point r = 1 added.
+    rho_c = _rhos(np.append(r, 1.0), h, B)
+    corr_w[i] = base
+    corr_w[i, 1:q] -= B * rho_c[:-1] / r
+    corr_w[i, 0] += B * np.sum(rho_c[:-1] / r) + B * rho_c[-1]
+    corr_new[i] = -B * rho_c[-1]
+  return dict(decay=decay, pred_w=pred_w, corr_w=corr_w, corr_new=corr_new)
+
+
+def get_unipc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 10, order: int = 3,
+                      time_grid: str = "logsnr", rho: float = 7.0, eps: float = 1e-3, denoise: bool = False,
+                      variant: str = "bh1", lower_order_final: bool = True, **unknown) -> fixed_budget.Sampler:
+  """UniPC: ``sampler(key, score_fn, z=None, first_index=0) -> (samples, nfe)``.
+
+  Defaults are the authors' unconditional pixel-space settings: UniPC-3 with ``bh1`` on the
+  log-SNR grid, data prediction, lower-order final steps; 10 evaluations (their headline budget).
+
+  Args:
+    sde: the forward SDE.
+    shape: (B, ...) the shape of one batch.
+    nfe: the exact number of score evaluations: one per step (plus one with ``denoise``).
+    order: 1, 2 or 3 (the predictor's order; the corrector adds one).
+    time_grid: one of ``noise_levels.TIME_GRIDS``.
+    rho: exponent of the ``karras`` grid.
+    eps: the last grid time.
+    denoise: spend one evaluation on Tweedie's denoiser at eps.
+    variant: B(h), ``bh1`` or ``bh2``.
+    lower_order_final: lower the order of the last steps of runs under 10 steps.
+    **unknown: rejected with a ``ValueError`` naming the valid options.
+  """
+  ode.reject_unknown(get_unipc_sampler, unknown, "the unipc sampler")
+  steps = fixed_budget.solver_steps("unipc", nfe, denoise, order, ORDERS)
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown variant {variant!r}; valid choices: {VARIANTS}.")
+  lv = noise_levels.levels(sde, noise_levels.time_grid(sde, time_grid, steps, eps, rho))
+  w = _weights(lv, dpm_solver_pp.multistep_orders(steps, order, lower_order_final), order, variant)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  coeffs = dict(t_next=f32(lv.t[1:]), alpha_next=f32(lv.alpha[1:]), sigma_next=f32(lv.sigma[1:]),
+                **{k: f32(v) for k, v in w.items()})
+  first = tuple(float(a[0]) for a in (lv.t, lv.alpha, lv.sigma))
+
+  def solve(score_fn: sde_lib.ScoreFn, y: Array, noise_keys: Array) -> Array:
+    del noise_keys  # Deterministic.
+
+    def step(carry, c):
+      y, hist = carry
+      # UniP: predict y_{i+1}; evaluate the denoiser there (the next step's m_0 as well).
+      y_pred = c["decay"] * y + jnp.tensordot(c["pred_w"], hist, axes=1)
+      d = noise_levels.denoiser(score_fn, y_pred, c["t_next"], c["alpha_next"], c["sigma_next"])
+      # UniC: correct y_{i+1} with that value.
+      y = c["decay"] * y + jnp.tensordot(c["corr_w"], hist, axes=1) + c["corr_new"] * d
+      return (y, jnp.concatenate([d[None], hist[:-1]])), None
+
+    d0 = noise_levels.denoiser(score_fn, y, *first)
+    hist = jnp.zeros((order,) + y.shape, y.dtype).at[0].set(d0)
+    y, hist = jax.lax.scan(step, (y, hist), jax.tree.map(lambda a: a[:-1], coeffs))[0]
+    # The last step: predictor only.
+    return coeffs["decay"][-1] * y + jnp.tensordot(coeffs["pred_w"][-1], hist, axes=1)
+
+  return fixed_budget.build_sampler(sde, shape, solve, nfe=nfe, eps=eps, denoise=denoise)
+
+
+__all__ = ["ORDERS", "VARIANTS", "get_unipc_sampler"]
