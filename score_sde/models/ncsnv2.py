@@ -42,11 +42,11 @@ Parameter counts with nf = 128 (equal to the authors' networks): NCSNv2 29,694,0
 83,445,379; NCSNv2_256 94,132,611; NCSN v1 30,117,635 with 10 noise levels (each level adds one row,
 3C values, to each of its conditional normalisations: 39,750,659 with 232 levels, 51,379,715 with 500).
 
-Parameter names (``authors_name`` maps a path to the authors' key). Top level: ``Conv_0`` (first conv), ``ResidualBlock_i`` (ResNet blocks in order,
+Parameter names. Top level: ``Conv_0`` (first conv), ``ResidualBlock_i`` (ResNet blocks in order,
 two per stage; ``ConditionalResidualBlock_i`` for v1), ``RefineBlock_j`` (coarsest first;
 ``CondRefineBlock_j``), ``<Norm>_0`` (final normalisation, e.g. ``InstanceNorm2dPlus_0``), ``Conv_1``
-(last conv). From the authors' PyTorch state dict (conv weights OIHW -> HWIO by
-``w.transpose(2, 3, 1, 0)``; ``sigmas`` is a buffer, not a parameter; b, s count from 1):
+(last conv). ``authors_name`` maps each to the authors' PyTorch state_dict key (conv weights OIHW ->
+HWIO by ``w.transpose(2, 3, 1, 0)``; ``sigmas`` is a buffer, not a parameter; b, s count from 1):
 
 | PyTorch (ermongroup/ncsnv2)                | here                                                   |
 |--------------------------------------------|--------------------------------------------------------|
@@ -58,17 +58,17 @@ two per stage; ``ConditionalResidualBlock_i`` for v1), ``RefineBlock_j`` (coarse
 |   msf.convs.{i}, crp.convs.{i}             |   MSFBlock_0/Conv_{i}, CRPBlock_0/Conv_{i}             |
 |   output_convs.{b}_{s}_conv                |   RCUBlock_{number of inputs}/Conv_{2 (b - 1) + s - 1} |
 | InstanceNorm++ alpha, gamma, beta          | alpha, gamma, beta, shape (C,)                         |
-| GroupNorm weight, bias; VarianceNorm alpha | scale, bias; scale (InstanceNorm: scale 1, bias 0)     |
+| VarianceNorm alpha                         | scale                                                  |
 | v1: ``*.embed.weight`` (K, 3C)             | ``*/Embed_0/embedding``                                |
 | v1: {b}_{s}_norm, msf.norms.{i}, crp.norms.{i} | ConditionalInstanceNorm2dPlus_{k}, k as for Conv_{k} |
 
 (The authors' InstanceNorm has no affine parameters; here it has a scale and a bias, as in the JAX
-original.) The JAX original's automatic names are the same except inside residual blocks, numbered
-by creation: normalize1, normalize2 = ``<Norm>_0``, ``<Norm>_1``; conv1, conv2, shortcut =
-``Conv_0``, ``Conv_1``, ``Conv_2``, except that a non-resampling block with a shortcut conv created
-it first (shortcut, conv1, conv2 = ``Conv_0``, ``Conv_1``, ``Conv_2``), and an undilated
-downsampling block named its ConvMeanPools ``ConvMeanPool_0`` (conv2) and ``ConvMeanPool_1``
-(shortcut). Its normalisation parameters had shape (1, 1, 1, C).
+original; GroupNorm is the JAX original's only.) The JAX original's automatic names are the same
+except inside residual blocks, numbered by creation: normalize1, normalize2 = ``<Norm>_0``,
+``<Norm>_1``; conv1, conv2, shortcut = ``Conv_0``, ``Conv_1``, ``Conv_2``, except that a
+non-resampling block with a shortcut conv created it first (shortcut, conv1, conv2 = ``Conv_0``,
+``Conv_1``, ``Conv_2``), and an undilated downsampling block named its ConvMeanPools
+``ConvMeanPool_0`` (conv2) and ``ConvMeanPool_1`` (shortcut). Its normalisation parameters had shape (1, 1, 1, C).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""NCSN on CelebA 64x64 with techniques 1, 2 and 4 of NCSNv2: 500 noise levels from 90 to 0.01,
-5 Langevin steps per level at snr 0.128, no EMA: the original's ve/ncsn/celeba_124. 51,379,715 parameters.
+"""NCSN on CelebA 64x64 with techniques 1, 2 and 4 of NCSNv2: 500 noise levels from 90 to 0.01, 5
+Langevin steps per level at snr 0.128, no EMA: the original's ve/ncsn/celeba_124. 51,379,715
+parameters.
 """
 
 from configs import default_celeba

@@ -1,5 +1,6 @@
-"""NCSN on CelebA 64x64 with techniques 1, 2, 4 and 5 of NCSNv2: 500 noise levels from 90 to 0.01,
-5 Langevin steps per level at snr 0.128, EMA 0.999: the original's ve/ncsn/celeba_1245. 51,379,715 parameters.
+"""NCSN on CelebA 64x64 with techniques 1, 2, 4 and 5 of NCSNv2: 500 noise levels from 90 to 0.01, 5
+Langevin steps per level at snr 0.128, EMA 0.999: the original's ve/ncsn/celeba_1245. 51,379,715
+parameters.
 """
 
 from configs import default_celeba

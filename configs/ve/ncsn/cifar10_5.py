@@ -1,5 +1,6 @@
-"""NCSN on CIFAR-10 with technique 5 of NCSNv2 only: as published (10 noise levels from 1 to
-0.01, 100 Langevin steps per level) plus an EMA of the weights (0.999): the original's ve/ncsn/cifar10_5. 30,117,635 parameters.
+"""NCSN on CIFAR-10 with technique 5 of NCSNv2 only: as published (10 noise levels from 1 to 0.01, 100
+Langevin steps per level) plus an EMA of the weights (0.999): the original's ve/ncsn/cifar10_5.
+30,117,635 parameters.
 """
 
 from configs import default_cifar10

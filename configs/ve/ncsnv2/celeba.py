@@ -1,10 +1,11 @@
 """NCSNv2 on CelebA 64x64, VE SDE (sigma_max 90), discrete SMLD training on 500 noise levels: the
 original's ve/ncsnv2/celeba.
 
-29,694,083 parameters. Sampled as the NCSNv2 paper does: annealed Langevin dynamics (no predictor,
-5 corrector steps per level, snr 0.128), denoised output (the original's file also held unused
-local variables, among them ``noise_removal = False``, that never reached the config). The interpolation is the NCSNv2 authors'
-align-corners bilinear, so their released weights load and reproduce their outputs.
+29,694,083 parameters. Sampled as the NCSNv2 paper does: annealed Langevin dynamics (no predictor, 5
+corrector steps per level, snr 0.128), denoised output (the original's file also held unused local
+variables, among them ``noise_removal = False``, that never reached the config). The interpolation
+is the NCSNv2 authors' align-corners bilinear, so the networks compute what the authors' do (their
+weights map over name by name with ``models.ncsnv2.authors_name``).
 """
 
 from configs import default_celeba

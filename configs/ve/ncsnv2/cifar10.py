@@ -1,8 +1,9 @@
 """NCSNv2 on CIFAR-10, VE SDE, discrete SMLD training on 232 noise levels: the original's ve/ncsnv2/cifar10.
 
-29,694,083 parameters. Sampled as the NCSNv2 paper does: annealed Langevin dynamics (no predictor,
-5 corrector steps per level, snr 0.176), denoised output. The interpolation is the NCSNv2 authors'
-align-corners bilinear, so their released weights load and reproduce their outputs.
+29,694,083 parameters. Sampled as the NCSNv2 paper does: annealed Langevin dynamics (no predictor, 5
+corrector steps per level, snr 0.176), denoised output. The interpolation is the NCSNv2 authors'
+align-corners bilinear, so the networks compute what the authors' do (their weights map over name by
+name with ``models.ncsnv2.authors_name``).
 """
 
 from configs import default_cifar10
