@@ -301,6 +301,26 @@ def test_authors_names_cover_every_parameter_once():
     ncsnv2.authors_name(ncsnv2.NCSNv2(normalization="InstanceNorm"), "InstanceNorm2d_0/scale")
 
 
+def test_authors_state_dict_imports_strictly():
+  model = ncsnv2.NCSNv2_128(**SMALL)
+  shape = (1, 8, 8, 1)
+  params = _random_variables(model, shape)["params"]
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  # The authors' layout (OIHW kernels), with DataParallel's prefix and the sigma buffer.
+  state = {"module." + ncsnv2.authors_name(model, path): np.asarray(v).transpose(3, 2, 0, 1) if v.ndim == 4
+           else np.asarray(v) for path, v in flat.items()}
+  state["module.sigmas"] = SMALL_SIGMAS.astype(np.float32)
+  imported = ncsnv2.from_authors_state_dict(model, state, shape)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), imported, params))
+  key = "module." + ncsnv2.authors_name(model, "RefineBlock_4/RCUBlock_2/Conv_0/kernel")
+  with pytest.raises(ValueError, match=r"missing \['refine5.output_convs.1_1_conv.weight'\]"):
+    ncsnv2.from_authors_state_dict(model, {k: v for k, v in state.items() if k != key}, shape)
+  with pytest.raises(ValueError, match=r"unexpected \['extra.weight'\]"):
+    ncsnv2.from_authors_state_dict(model, {**state, "extra.weight": np.zeros(1)}, shape)
+  with pytest.raises(ValueError, match="noise levels"):
+    ncsnv2.from_authors_state_dict(model.clone(num_scales=7), state, shape)
+
+
 @pytest.mark.parametrize("cls, shape", [
     (ncsnv2.NCSNv2, (2, 32, 32, 3)),
     (ncsnv2.NCSNv2_128, (1, 128, 128, 3)),

@@ -45,8 +45,9 @@ Parameter counts with nf = 128 (equal to the authors' networks): NCSNv2 29,694,0
 Parameter names. Top level: ``Conv_0`` (first conv), ``ResidualBlock_i`` (ResNet blocks in order,
 two per stage; ``ConditionalResidualBlock_i`` for v1), ``RefineBlock_j`` (coarsest first;
 ``CondRefineBlock_j``), ``<Norm>_0`` (final normalisation, e.g. ``InstanceNorm2dPlus_0``), ``Conv_1``
-(last conv). ``authors_name`` maps each to the authors' PyTorch state_dict key (conv weights OIHW ->
-HWIO by ``w.transpose(2, 3, 1, 0)``; ``sigmas`` is a buffer, not a parameter; b, s count from 1):
+(last conv). ``authors_name`` maps each to the authors' PyTorch state_dict key, and
+``from_authors_state_dict`` imports their weights (conv weights OIHW -> HWIO by
+``w.transpose(2, 3, 1, 0)``; ``sigmas`` is a buffer, not a parameter; b, s count from 1):
 
 | PyTorch (ermongroup/ncsnv2)                | here                                                   |
 |--------------------------------------------|--------------------------------------------------------|
@@ -74,11 +75,14 @@ non-resampling block with a shortcut conv created it first (shortcut, conv1, con
 from __future__ import annotations
 
 import functools
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from score_sde.models import layers, ncsn_layers
 from score_sde.models import normalization as normalization_lib
@@ -333,4 +337,46 @@ def authors_name(model: nn.Module, path: str) -> str:
   return ".".join([*key, leaves[leaf]])
 
 
-__all__ = ["NCSN", "NCSNv2", "NCSNv2_128", "NCSNv2_256", "authors_name"]
+def from_authors_state_dict(model: nn.Module, state_dict: Mapping[str, Any], input_shape: Sequence[int]) -> dict:
+  """``variables["params"]`` of ``model`` from the NCSN authors' PyTorch state_dict (numpy or torch tensors).
+
+  Strict: a key that maps to no parameter, a parameter without a key, or a shape that differs is a
+  ``ValueError`` listing them. DataParallel's ``module.`` prefix is dropped; the ``sigmas`` buffer of
+  NCSNv2 must equal the model's descending table (``num_scales``, ``sigma_min``, ``sigma_max``).
+
+  Args:
+    model: the network the weights are for (see ``authors_name``).
+    state_dict: the authors' ``score.state_dict()`` (the first entry of their checkpoint list), or
+      their EMA helper's state_dict (its last entry: the same keys, without the buffer).
+    input_shape: (B, H, W, C) of the model's inputs.
+
+  Returns:
+    The parameter tree, structured as ``wrapper``'s ``init_model(...)["params"]``.
+  """
+  shapes = flax.traverse_util.flatten_dict(
+      jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(tuple(input_shape)),
+                                        jnp.zeros(input_shape[:1])))["params"], sep="/")
+  tensors = {k.removeprefix("module."): np.asarray(getattr(v, "numpy", lambda: v)()) for k, v in state_dict.items()}
+  sigmas = tensors.pop("sigmas", None)
+  if sigmas is not None:
+    expected = layers.smld_sigmas(model.sigma_min, model.sigma_max, model.num_scales)
+    if sigmas.shape != expected.shape or not np.allclose(sigmas, expected, rtol=1e-5):
+      raise ValueError(f"The checkpoint's {sigmas.size} noise levels from {sigmas.max():g} to {sigmas.min():g} "
+                       f"differ from the model's {model.num_scales} from {model.sigma_max:g} to {model.sigma_min:g}.")
+  keys = {path: authors_name(model, path) for path in shapes}
+  missing = sorted(key for key in keys.values() if key not in tensors)
+  unexpected = sorted(set(tensors) - set(keys.values()))
+  params, wrong = {}, []
+  for path, key in keys.items():
+    if key in tensors:
+      value = tensors[key].transpose(2, 3, 1, 0) if path.endswith("/kernel") else tensors[key]
+      if value.shape != shapes[path].shape:
+        wrong.append(f"{key} {value.shape} -> {path} {shapes[path].shape}")
+      params[path] = jnp.asarray(value, jnp.float32)
+  if missing or unexpected or wrong:
+    raise ValueError(f"The state_dict does not fit {type(model).__name__}: missing {missing}, unexpected "
+                     f"{unexpected}, shapes that differ {wrong}.")
+  return flax.traverse_util.unflatten_dict(params, sep="/")
+
+
+__all__ = ["NCSN", "NCSNv2", "NCSNv2_128", "NCSNv2_256", "authors_name", "from_authors_state_dict"]

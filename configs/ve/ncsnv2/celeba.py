@@ -5,7 +5,7 @@ original's ve/ncsnv2/celeba.
 corrector steps per level, snr 0.128), denoised output (the original's file also held unused local
 variables, among them ``noise_removal = False``, that never reached the config). The interpolation
 is the NCSNv2 authors' align-corners bilinear, so the networks compute what the authors' do (their
-weights map over name by name with ``models.ncsnv2.authors_name``).
+checkpoints load with ``models.ncsnv2.from_authors_state_dict``).
 """
 
 from configs import default_celeba

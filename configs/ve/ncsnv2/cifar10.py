@@ -2,8 +2,8 @@
 
 29,694,083 parameters. Sampled as the NCSNv2 paper does: annealed Langevin dynamics (no predictor, 5
 corrector steps per level, snr 0.176), denoised output. The interpolation is the NCSNv2 authors'
-align-corners bilinear, so the networks compute what the authors' do (their weights map over name by
-name with ``models.ncsnv2.authors_name``).
+align-corners bilinear, so the networks compute what the authors' do (their checkpoints load with
+``models.ncsnv2.from_authors_state_dict``).
 """
 
 from configs import default_cifar10
