@@ -8,7 +8,8 @@
 Modes: ``train`` (resumes from the newest checkpoint of the workdir; with
 ``training.final_evaluation`` it then samples and computes the held-out likelihood), ``eval`` (the
 eval loss over the whole split and the likelihood), ``sample``, ``likelihood`` and ``summary``
-(the parameter count and the resolved config, without compiling anything). Any config field can
+(the parameter count and the resolved config, without compiling anything), and ``import`` (an
+original checkpoint, ``--source``, becomes the workdir's first checkpoint). Any config field can
 be overridden on the command line, e.g. ``--config.training.batch_size=64``.
 """
 
@@ -26,11 +27,13 @@ from score_sde import train
 from score_sde import validation
 from score_sde.models import wrapper
 
-MODES = ("train", "eval", "sample", "likelihood", "summary")
+MODES = ("train", "eval", "sample", "likelihood", "summary", "import")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Configuration file (configs/...).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, logs, samples.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+_SOURCE = flags.DEFINE_string("source", None, "--mode=import: a checkpoint of the original implementation (.pth of "
+                              "the PyTorch port, an .npz export, or an original JAX checkpoint_<n> file).")
 _EVAL_FOLDER = flags.DEFINE_string("eval_folder", "eval", "Folder of the workdir for sample, likelihood and eval "
                                    "outputs.")
 flags.mark_flags_as_required(["config"])
@@ -70,6 +73,13 @@ def main(argv) -> None:
   workdir = epath.Path(_WORKDIR.value)
   out_dir = workdir / _EVAL_FOLDER.value
 
+  if mode == "import":
+    if not _SOURCE.value:
+      raise app.UsageError("--mode=import needs --source=<checkpoint file of the original implementation>.")
+    result = train.import_checkpoint(config, workdir, _SOURCE.value)
+    _say(f"imported {_SOURCE.value} ({result['parameters']} parameters, step {result['step']}, "
+         f"{'with' if result['has_ema'] else 'without'} EMA weights) into {result['checkpoint_dir']}")
+    return
   if mode == "train":
     result = train.train(config, workdir)
     _say(f"trained to step {result['step']}: training loss {result['training_loss']}, eval loss "

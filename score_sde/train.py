@@ -508,3 +508,45 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str | epat
     ema_params, restored_step = checkpoints.restore_ema_params(workdir, abstract, step=step)
   score_fn = wrapper.get_score_fn(sde, model, {"params": ema_params}, continuous=config.training.continuous)
   return sde, model, score_fn, restored_step
+
+
+def import_checkpoint(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, source: str, *,
+                      devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """Writes an original implementation's checkpoint as this framework's first checkpoint of ``workdir``.
+
+  The weights (and EMA weights) are read by ``convert.convert_checkpoint`` (PyTorch-port ``.pth``,
+  ``.npz`` exports, original JAX msgpack), strictly: every unknown or missing tensor is an error.
+  The optimiser state starts afresh; the step is the checkpoint's. Sampling, likelihood and eval
+  modes then read the workdir like a trained run's, and training resumes from it.
+
+  Returns:
+    {"step", "has_ema", "checkpoint_dir", "parameters"}.
+
+  Raises:
+    ValueError: when ``workdir`` already holds checkpoints (nothing is overwritten), or for
+      weights that do not fit the config's network.
+  """
+  from score_sde import convert  # pylint: disable=g-import-not-at-top  (only this mode needs it)
+  workdir = epath.Path(workdir)
+  existing = checkpoints.list_steps(workdir)
+  if existing:
+    raise ValueError(f"{workdir} already holds checkpoints (steps {existing}); import into an empty workdir.")
+  imported = convert.convert_checkpoint(source, config)
+  mesh = parallel.make_mesh(devices)
+  state = losses.init_train_state(imported["params"], build_optimizer(config))
+  state = state.replace(step=jnp.asarray(imported["step"], state.step.dtype),
+                        ema_params=jax.tree.map(jnp.asarray, imported["ema_params"]))
+  state = jax.device_put(state, parallel.replicated(mesh))
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_config(config, workdir)
+  t = config.training
+  with _quiet_orbax():
+    ckpt = checkpoints.Checkpointer(workdir, snapshot_freq=t.snapshot_freq,
+                                    preemption_freq=t.snapshot_freq_for_preemption, keep=t.keep_checkpoints)
+    try:
+      ckpt.save(imported["step"], state, {}, force=True)
+    finally:
+      ckpt.close()
+  return {"step": imported["step"], "has_ema": imported["has_ema"], "parameters": wrapper.count_params(state.params),
+          "checkpoint_dir": str(workdir / checkpoints.REGULAR_DIR)}

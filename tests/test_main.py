@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
@@ -152,3 +153,24 @@ def test_summary_counts_parameters_without_compiling(capsys):
   assert f"parameters: {count}" in capsys.readouterr().out
   h = config.model.hidden_dims
   assert count > h[0] * h[1] + h[1] * h[2]
+
+
+def test_import_an_original_checkpoint_then_use_it(tmp_path):
+  from tests import test_paper_models as paper  # pylint: disable=g-import-not-at-top
+  config, model, io, ckpt = paper.load_fixture("ddpm_vp_ch22")   # skips when the fixtures are absent
+  source = paper.fixture_dir("ddpm_vp_ch22") / "weights.npz"
+  result = train.import_checkpoint(config, tmp_path, str(source))
+  assert result["step"] == 0 and not result["has_ema"]
+  # The workdir now reads like a trained run's: the EMA score function is the imported network's.
+  sde, _, score_fn, step = train.restore_for_inference(config, tmp_path)
+  assert step == 0
+  for a, b in zip(jax.tree.leaves(score_fn.variables["params"]), jax.tree.leaves(ckpt.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="already holds checkpoints"):
+    train.import_checkpoint(config, tmp_path, str(source))
+
+
+def test_cli_import_needs_a_source(tmp_path):
+  proc = run_main("--config", "configs/toy/vp_8gaussians.py", "--workdir", str(tmp_path), "--mode", "import",
+                  timeout=120)
+  assert proc.returncode != 0 and "--source" in proc.stderr
