@@ -356,7 +356,8 @@ def from_authors_state_dict(model: nn.Module, state_dict: Mapping[str, Any], inp
   shapes = flax.traverse_util.flatten_dict(
       jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(tuple(input_shape)),
                                         jnp.zeros(input_shape[:1])))["params"], sep="/")
-  tensors = {k.removeprefix("module."): np.asarray(getattr(v, "numpy", lambda: v)()) for k, v in state_dict.items()}
+  tensors = {k.removeprefix("module."): v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+             for k, v in state_dict.items()}  # torch tensors (on any device) or arrays
   sigmas = tensors.pop("sigmas", None)
   if sigmas is not None:
     expected = layers.smld_sigmas(model.sigma_min, model.sigma_max, model.num_scales)
