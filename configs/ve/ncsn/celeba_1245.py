@@ -4,9 +4,9 @@ parameters.
 """
 
 from configs import default_celeba
-from configs.ve.ncsn import common
+from configs.ve import ncsn
 
 
 def get_config():
-  return common.ncsn_config(default_celeba.get_default_configs(), num_scales=500, sigma_max=90.0,
-                            ema_rate=0.999, snr=0.128, n_steps_each=5)
+  return ncsn.ncsn_config(default_celeba.get_default_configs(), num_scales=500, sigma_max=90.0,
+                          ema_rate=0.999, snr=0.128, n_steps_each=5)

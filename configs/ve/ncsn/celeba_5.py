@@ -4,9 +4,9 @@
 """
 
 from configs import default_celeba
-from configs.ve.ncsn import common
+from configs.ve import ncsn
 
 
 def get_config():
-  return common.ncsn_config(default_celeba.get_default_configs(), num_scales=10, sigma_max=1.0,
-                            ema_rate=0.999, snr=0.316, n_steps_each=100)
+  return ncsn.ncsn_config(default_celeba.get_default_configs(), num_scales=10, sigma_max=1.0,
+                          ema_rate=0.999, snr=0.316, n_steps_each=100)

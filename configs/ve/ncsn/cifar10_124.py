@@ -3,9 +3,9 @@ steps per level at snr 0.176, no EMA: the original's ve/ncsn/cifar10_124. 39,750
 """
 
 from configs import default_cifar10
-from configs.ve.ncsn import common
+from configs.ve import ncsn
 
 
 def get_config():
-  return common.ncsn_config(default_cifar10.get_default_configs(), num_scales=232, sigma_max=50.0,
-                            ema_rate=0.0, snr=0.176, n_steps_each=5)
+  return ncsn.ncsn_config(default_cifar10.get_default_configs(), num_scales=232, sigma_max=50.0,
+                          ema_rate=0.0, snr=0.176, n_steps_each=5)
