@@ -59,6 +59,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.atol = 1e-5
   evaluate.eps = 1e-5
   evaluate.likelihood_examples = 0          # examples of the likelihood pass (0: the whole split)
+  evaluate.inception_path = ""              # FID Inception weights .npz (see score_sde/models/inception.py)
 
   # Data.
   config.data = data = ml_collections.ConfigDict()
