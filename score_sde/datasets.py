@@ -37,7 +37,9 @@ pipeline seed only orders and augments them). Digits are scikit-learn's 8x8 ``lo
 (values 0..16 mapped to 0..255) with a fixed 1500 / 297 train / test split. TFDS sets are read
 with ``tfds.data_source`` (ArrayRecord; no TensorFlow in the training process; preparing a set
 needs TensorFlow once, see ``tfds_source``); CelebA and LSUN are centre-cropped first, as in the
-original (``CroppedSource``), and FFHQ / CelebA-HQ are folders of images (``folder_source``). Images whose size differs from ``image_size`` are
+original (``CroppedSource``); FFHQ / CelebA-HQ are StyleGAN dataset-tool TFRecords read without
+TensorFlow (``TFRecordSource``) or folders of images, and ``image_folder`` is any folder of images.
+Images whose size differs from ``image_size`` are
 resized with PIL (bilinear, antialiased when shrinking) on uint8, so they stay 8-bit and
 dequantisation and bits/dim stay meaningful (the original resized floats).
 """
@@ -280,33 +282,167 @@ def _tfds_split(name: str, test_split: str, crop: int | None = None) -> Callable
   return make
 
 
-def folder_source(split: str, data_dir: str | None, name: str = "this data set") -> ArraySource:
-  """Every PNG / JPEG image under ``data_dir`` (sorted by path) as uint8 (N, H, W, C), label 0.
+def _crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli) of a few bytes; used on TFRecord length headers only (8 bytes each)."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc ^= byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+  return crc ^ 0xFFFFFFFF
 
-  ``data_dir/train`` and ``data_dir/test`` are the splits when both exist; otherwise both splits
-  are every image (as for FFHQ and CelebA-HQ, which have no held-out split).
+
+def _masked_crc(data: bytes) -> int:
+  crc = _crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+  value, shift = 0, 0
+  while True:
+    byte = buf[pos]
+    pos += 1
+    value |= (byte & 0x7F) << shift
+    if byte < 0x80:
+      return value, pos
+    shift += 7
+
+
+def _fields(buf: bytes) -> list[tuple[int, Any]]:
+  """The (field number, value) pairs of a protobuf message: ints for varints, bytes when length-delimited."""
+  pos, out = 0, []
+  while pos < len(buf):
+    key, pos = _varint(buf, pos)
+    number, wire = key >> 3, key & 7
+    if wire == 0:
+      value, pos = _varint(buf, pos)
+    elif wire == 2:
+      size, pos = _varint(buf, pos)
+      value, pos = buf[pos:pos + size], pos + size
+    elif wire in (1, 5):
+      size = 8 if wire == 1 else 4
+      value, pos = buf[pos:pos + size], pos + size
+    else:
+      raise ValueError(f"unsupported protobuf wire type {wire}")
+    out.append((number, value))
+  return out
+
+
+def parse_example(record: bytes) -> dict[str, list]:
+  """A serialised ``tf.train.Example`` as {feature name: list of bytes or ints} (floats unsupported).
+
+  The wire format is read directly (Example.features = 1; Features.feature = map<string, Feature>;
+  Feature.bytes_list = 1, int64_list = 3), so no TensorFlow is needed.
+  """
+  features = {}
+  for number, message in _fields(record):
+    if number != 1:
+      continue
+    for entry_number, entry in _fields(message):
+      if entry_number != 1:
+        continue
+      entry = dict(_fields(entry))
+      name, values = entry.get(1, b"").decode(), []
+      for kind, lst in _fields(entry.get(2, b"")):
+        for item_number, item in _fields(lst):
+          if item_number != 1:
+            continue
+          if kind == 1:
+            values.append(item)
+          elif kind == 3 and isinstance(item, bytes):  # packed int64s
+            pos = 0
+            while pos < len(item):
+              v, pos = _varint(item, pos)
+              values.append(v - (1 << 64) if v >= 1 << 63 else v)
+          elif kind == 3:
+            values.append(item)
+      features[name] = values
+  return features
+
+
+class TFRecordSource:
+  """Random access to StyleGAN ``dataset_tool`` TFRecords: Examples with ``shape`` (C, H, W) and raw ``data``.
+
+  The files are indexed once (record offsets, from the length headers, whose checksums are
+  verified) and records are read on demand, so a 13 GB FFHQ file costs no memory. Images come out
+  as uint8 (H, W, C), label 0.
+
+  Args:
+    paths: the ``.tfrecords`` files, read in the given order.
+
+  Raises:
+    ValueError: for a damaged or truncated file (naming it and the offset).
+  """
+
+  def __init__(self, paths: Sequence[str | pathlib.Path]):
+    self.paths = [pathlib.Path(p) for p in paths]
+    self._index: list[tuple[int, int, int]] = []  # (file, data offset, data length)
+    for f, path in enumerate(self.paths):
+      size, offset = path.stat().st_size, 0
+      with path.open("rb") as handle:
+        while offset < size:
+          handle.seek(offset)
+          header = handle.read(12)
+          if len(header) < 12 or int.from_bytes(header[8:], "little") != _masked_crc(header[:8]):
+            raise ValueError(f"{path} is damaged or truncated at byte {offset} (bad TFRecord header); "
+                             f"re-create it with the dataset tool.")
+          length = int.from_bytes(header[:8], "little")
+          if offset + 16 + length > size:
+            raise ValueError(f"{path} is truncated: its record at byte {offset} needs {length} bytes.")
+          self._index.append((f, offset + 12, length))
+          offset += 16 + length
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    f, offset, length = self._index[index]
+    with self.paths[f].open("rb") as handle:
+      handle.seek(offset)
+      features = parse_example(handle.read(length))
+    shape, data = features.get("shape"), features.get("data")
+    if not shape or not data or len(data[0]) != math.prod(shape):
+      raise ValueError(f"Record {index} of {self.paths[f]} is not a dataset-tool image (features 'shape' "
+                       f"(C, H, W) and 'data' with C*H*W bytes); got features {sorted(features)}.")
+    image = np.frombuffer(data[0], np.uint8).reshape(shape).transpose(1, 2, 0)
+    return {"image": image, "label": 0}
+
+
+def folder_source(split: str, data_dir: str | None, name: str = "this data set") -> Sequence[dict[str, Any]]:
+  """Images from ``data_dir``: TFRecords of StyleGAN's dataset tool, or a folder of PNG / JPEG files.
+
+  ``data_dir`` may be a ``.tfrecords`` file, a folder holding ``.tfrecords`` files (all are read,
+  sorted by name), or a folder of images (read recursively, sorted by path; label 0). With
+  ``data_dir/train`` and ``data_dir/test`` folders those are the splits; otherwise both splits are
+  every image (FFHQ and CelebA-HQ have no held-out split; the original evaluated on the training set).
 
   Raises:
     FileNotFoundError: when ``data_dir`` is unset or holds no images, saying what to put there.
   """
   _check_split(split)
   if not data_dir:
-    raise FileNotFoundError(f"{name} is read from a folder of PNG or JPEG images: set --config.data.data_dir to "
-                            f"it (for example the 256x256 images of StyleGAN's dataset tool, exported as PNG).")
+    raise FileNotFoundError(f"{name} is read from StyleGAN dataset-tool TFRecords or a folder of PNG / JPEG "
+                            f"images: set --config.data.data_dir to the .tfrecords file or the folder.")
   root = pathlib.Path(data_dir)
+  if root.is_file() and root.suffix == ".tfrecords":
+    return TFRecordSource([root])
   if (root / "train").is_dir() and (root / "test").is_dir():
     root = root / split
+  records = sorted(root.glob("*.tfrecords")) if root.is_dir() else []
+  if records:
+    return TFRecordSource(records)
   paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
   if not paths:
-    raise FileNotFoundError(f"No .png / .jpg images under {root} for {name}; put the images there or point "
-                            f"--config.data.data_dir at the folder that holds them.")
+    raise FileNotFoundError(f"No .tfrecords or .png / .jpg images under {root} for {name}; put them there or "
+                            f"point --config.data.data_dir at the file or folder that holds them.")
   images = np.stack([np.asarray(PIL.Image.open(p).convert("RGB")) for p in paths])
   return ArraySource(images, np.zeros(len(images), np.int32))
 
 
 # Image sets by name (lower case): (split, data_dir) -> source of uint8 (H, W, C) images. Held-out
 # splits and crops follow the original: CelebA's validation split, centre crop 140; LSUN's
-# validation split, centre square crop; FFHQ and CelebA-HQ from image folders at full size.
+# validation split, centre square crop; FFHQ and CelebA-HQ from dataset-tool TFRecords (or image
+# folders) at full size; "image_folder" for any folder of images (``data.data_dir``).
 IMAGE_DATASETS: dict[str, Callable[[str, str | None], Sequence[dict[str, Any]]]] = {
     "digits": lambda split, data_dir: digits_source(split),
     "cifar10": functools.partial(tfds_source, "cifar10"),
@@ -316,6 +452,7 @@ IMAGE_DATASETS: dict[str, Callable[[str, str | None], Sequence[dict[str, Any]]]]
     "lsun/church_outdoor": _tfds_split("lsun/church_outdoor", "validation", crop=0),
     "ffhq": functools.partial(folder_source, name="FFHQ"),
     "celebahq": functools.partial(folder_source, name="CelebA-HQ"),
+    "image_folder": functools.partial(folder_source, name="data.dataset='image_folder'"),
 }
 
 
