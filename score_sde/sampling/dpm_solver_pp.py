@@ -41,12 +41,14 @@ SOLVER_TYPES = ("midpoint", "taylor")
 LOWER_ORDER_FINAL_BELOW = 10
 
 
-def multistep_orders(steps: int, order: int, lower_order_final: bool) -> np.ndarray:
-  """The order of each of ``steps`` multistep steps: warm-up 1, 2, ..., then ``order``, and with
-  ``lower_order_final`` (below 10 steps) at most the number of steps left."""
+def multistep_orders(steps: int, order: int, lower_order_final: bool,
+                     below: int | None = LOWER_ORDER_FINAL_BELOW) -> np.ndarray:
+  """The order of each of ``steps`` multistep steps: warm-up 1, 2, ..., then ``order``; with
+  ``lower_order_final`` (for runs shorter than ``below`` steps; ``None``: always) at most the
+  number of steps left, so the last step is first order."""
   i = np.arange(steps)
   q = np.minimum(order, i + 1)
-  if lower_order_final and steps < LOWER_ORDER_FINAL_BELOW:
+  if lower_order_final and (below is None or steps < below):
     q = np.minimum(q, steps - i)
   return q
 

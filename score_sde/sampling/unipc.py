@@ -13,8 +13,11 @@ nodes (rho = 1/2 for q = 2, as the authors); the corrector adds the new point r 
 m_t = D(y_t^pred, t) (rho = 1/2 for q = 1). m_t is also the value the next step needs, so the
 corrector raises the order by one (UniPC-p has order p + 1) at no extra evaluation; the final step
 is not corrected (that would cost one). Evaluations: one at T, then one per step but the last, so
-``nfe`` steps. Warm-up orders 1, 2, ... and ``lower_order_final`` as ``dpm_solver_pp``. All weights
-are computed once in float64; the run is one ``lax.scan`` plus the uncorrected last step.
+``nfe`` steps. The first steps warm up with orders 1, 2, ...; with ``lower_order_final`` (the
+authors' default, applied whatever the number of steps, unlike DPM-Solver++'s rule) the last steps
+use at most the number of steps left, so the final step is a first-order (DDIM) step: steadier at
+few steps, at the price of a first-order term in the global error (the order tests turn it off).
+All weights are computed once in float64; the run is one ``lax.scan`` plus the last step.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def get_unipc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 10
     eps: the last grid time.
     denoise: spend one evaluation on Tweedie's denoiser at eps.
     variant: B(h), ``bh1`` or ``bh2``.
-    lower_order_final: lower the order of the last steps of runs under 10 steps.
+    lower_order_final: lower the order of the last steps (of every run, as the authors do).
     **unknown: rejected with a ``ValueError`` naming the valid options.
   """
   ode.reject_unknown(get_unipc_sampler, unknown, "the unipc sampler")
@@ -97,7 +100,7 @@ def get_unipc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 10
   if variant not in VARIANTS:
     raise ValueError(f"Unknown variant {variant!r}; valid choices: {VARIANTS}.")
   lv = noise_levels.levels(sde, noise_levels.time_grid(sde, time_grid, steps, eps, rho))
-  w = _weights(lv, dpm_solver_pp.multistep_orders(steps, order, lower_order_final), order, variant)
+  w = _weights(lv, dpm_solver_pp.multistep_orders(steps, order, lower_order_final, below=None), order, variant)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   coeffs = dict(t_next=f32(lv.t[1:]), alpha_next=f32(lv.alpha[1:]), sigma_next=f32(lv.sigma[1:]),
                 **{k: f32(v) for k, v in w.items()})
