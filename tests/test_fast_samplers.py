@@ -80,6 +80,8 @@ FLOOR = 1e-6
 #   guaranteed 3 and nominal 4 (its corrector raises UniP-p to order p + 1). UniPC's default
 #   lower_order_final makes every run's last step first order (the authors' rule), which caps the
 #   global order at 2; the order tests turn it off.
+# * unipc-2 with the trapezoidal corrector keeps order 2, but its leading error term starts out
+#   small (its error is 3-5x below 2M's), so it reaches the asymptotic slope only from ~64 steps.
 ORDER_CASES = [
     ("euler", {}, (16, 32, 64), (0.5, 1.5)),
     ("heun", {}, (32, 64, 128), (1.5, 2.5)),
@@ -90,12 +92,14 @@ ORDER_CASES = [
     ("unipc", {"order": 1, "lower_order_final": False}, (16, 32, 64), (1.5, 2.5)),
     ("unipc", {"order": 2, "lower_order_final": False}, (16, 32, 64), (2.5, 3.5)),
     ("unipc", {"order": 3, "lower_order_final": False}, (12, 24, 48), (2.5, 4.5)),
+    ("unipc", {"order": 2, "variant": "bh2", "corrector": "trapezoid", "lower_order_final": False},
+     (64, 128, 256), (1.5, 2.5)),
 ]
 
 
 @pytest.mark.parametrize("name", sorted(SDES))
 @pytest.mark.parametrize("method,options,budgets,bounds", ORDER_CASES,
-                         ids=[f"{m}-{o.get('order', '')}" for m, o, _, _ in ORDER_CASES])
+                         ids=[f"{m}-{o.get('order', '')}{o.get('corrector', '')}" for m, o, _, _ in ORDER_CASES])
 def test_each_solver_converges_with_its_order(name, method, options, budgets, bounds):
   errors_ = errors(name, method, budgets, **options)
   measured = -np.polyfit(np.log(budgets), np.log(errors_), 1)[0]
@@ -105,6 +109,17 @@ def test_each_solver_converges_with_its_order(name, method, options, budgets, bo
 
 def test_dpm_solver_1_is_ddim():
   np.testing.assert_allclose(errors("vp", "dpm_solver", (16,), order=1), errors("vp", "euler", (16,)), rtol=1e-4)
+
+
+def test_unipc_2_bh2_predictor_alone_is_dpm_solver_pp_2m():
+  # UniP-2 with B(h) = e^{-h} - 1 and rho = 1/2 has DPM-Solver++(2M)'s midpoint weights.
+  sde = SDES["ve"]
+  z, _ = reference("ve")
+  options = dict(nfe=12, order=2, time_grid="logsnr", lower_order_final=False)
+  unip = sampling.get_sampler(sde, (B, 2), method="unipc", variant="bh2", corrector="none", **options)
+  dpmpp = sampling.get_sampler(sde, (B, 2), method="dpm_solver++", **options)
+  np.testing.assert_allclose(unip(None, GM.score_fn(sde), z=z)[0], dpmpp(None, GM.score_fn(sde), z=z)[0],
+                             rtol=1e-4, atol=1e-5)
 
 
 def gaussian_score(sde, calls):
@@ -123,6 +138,7 @@ NFE_CASES = [
     ("dpm_solver", dict(nfe=7, order=2)),
     ("dpm_solver++", dict(nfe=5, order=3)), ("dpm_solver++", dict(nfe=6, order=2, eta=1.0, denoise=True)),
     ("unipc", dict(nfe=1, order=1)), ("unipc", dict(nfe=5, order=3)), ("unipc", dict(nfe=6, order=2, denoise=True)),
+    ("unipc", dict(nfe=7, order=2, corrector="trapezoid")), ("unipc", dict(nfe=4, order=3, corrector="none")),
 ]
 
 
@@ -189,6 +205,7 @@ def test_time_grids_span_T_to_eps_and_are_what_they_say():
     ("heun", dict(nfe=10, order=1), "euler"),
     ("euler", dict(nfe=10, order=2), "valid choices"),
     ("unipc", dict(nfe=10, variant="bh3"), "valid choices"),
+    ("unipc", dict(nfe=10, corrector="heun"), "valid choices"),
     ("dpm_solver++", dict(nfe=10, solver_type="heun"), "valid choices"),
     ("dpm_solver++", dict(nfe=10, eta=-1.0), "eta"),
     ("heun", dict(nfe=10, s_churn=-1.0), "s_churn"),

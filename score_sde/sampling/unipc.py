@@ -12,7 +12,10 @@ b_j = -h phi_{j+1}(-h) j! / B(h), j = 1..n, which matches the Taylor expansion o
 nodes (rho = 1/2 for q = 2, as the authors); the corrector adds the new point r = 1 with
 m_t = D(y_t^pred, t) (rho = 1/2 for q = 1). m_t is also the value the next step needs, so the
 corrector raises the order by one (UniPC-p has order p + 1) at no extra evaluation; the final step
-is not corrected (that would cost one). Evaluations: one at T, then one per step but the last, so
+is not corrected (that would cost one). ``corrector="trapezoid"`` uses the new value alone (UniC-1,
+rho = 1/2; with bh2 the exponential trapezoidal rule y_t = e^{-h} y_s + (1 - e^{-h})(m_0 + m_t) / 2),
+which keeps the predictor's order but damps its extrapolation over long steps; ``"none"`` leaves
+UniP-p alone (UniP-2 with bh2 is DPM-Solver++(2M)). Evaluations: one at T, then one per step but the last, so
 ``nfe`` steps. The first steps warm up with orders 1, 2, ...; with ``lower_order_final`` (the
 authors' default, applied whatever the number of steps, unlike DPM-Solver++'s rule) the last steps
 use at most the number of steps left, so the final step is a first-order (DDIM) step: steadier at
@@ -35,6 +38,10 @@ Array = jax.Array
 
 ORDERS = (1, 2, 3)
 VARIANTS = ("bh1", "bh2")
+# The corrector: UniC-p (the earlier nodes and the new value: order p + 1), UniC-1 on the new value
+# alone (rho = 1/2: the exponential trapezoidal rule, which keeps the predictor's order but damps its
+# extrapolation), or none (UniP-p alone; UniP-2 with bh2 is DPM-Solver++(2M)).
+CORRECTORS = ("unic", "trapezoid", "none")
 
 
 def _rhos(r: np.ndarray, h: float, B: float) -> np.ndarray:
@@ -47,7 +54,8 @@ def _rhos(r: np.ndarray, h: float, B: float) -> np.ndarray:
   return np.linalg.solve(R, b)
 
 
-def _weights(lv: noise_levels.Levels, orders: np.ndarray, width: int, variant: str) -> dict[str, np.ndarray]:
+def _weights(lv: noise_levels.Levels, orders: np.ndarray, width: int, variant: str,
+             corrector: str) -> dict[str, np.ndarray]:
   """Per-step float64 weights of the predictor and corrector on the history [m_i, m_{i-1}, ...] (newest
   first) and, for the corrector, on the new value m_{i+1}."""
   steps = len(orders)
@@ -65,8 +73,14 @@ def _weights(lv: noise_levels.Levels, orders: np.ndarray, width: int, variant: s
       rho = _rhos(r, h, B)
       pred_w[i, 1:q] -= B * rho / r
       pred_w[i, 0] += B * np.sum(rho / r)
-    # Corrector: the same with the new point r = 1 added.
-    rho_c = _rhos(np.append(r, 1.0), h, B)
+    # Corrector: the same with the new point r = 1 added (or the new point alone, or nothing).
+    if corrector == "none":
+      corr_w[i] = pred_w[i]
+      continue
+    if corrector == "trapezoid":
+      rho_c = np.append(np.zeros(q - 1), 0.5)
+    else:
+      rho_c = _rhos(np.append(r, 1.0), h, B)
     corr_w[i] = base
     corr_w[i, 1:q] -= B * rho_c[:-1] / r
     corr_w[i, 0] += B * np.sum(rho_c[:-1] / r) + B * rho_c[-1]
@@ -76,7 +90,8 @@ def _weights(lv: noise_levels.Levels, orders: np.ndarray, width: int, variant: s
 
 def get_unipc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 10, order: int = 3,
                       time_grid: str = "logsnr", rho: float = 7.0, eps: float = 1e-3, denoise: bool = False,
-                      variant: str = "bh1", lower_order_final: bool = True, **unknown) -> fixed_budget.Sampler:
+                      variant: str = "bh1", lower_order_final: bool = True, corrector: str = "unic",
+                      **unknown) -> fixed_budget.Sampler:
   """UniPC: ``sampler(key, score_fn, z=None, first_index=0) -> (samples, nfe)``.
 
   Defaults are the authors' unconditional pixel-space settings: UniPC-3 with ``bh1`` on the
@@ -93,14 +108,19 @@ def get_unipc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 10
     denoise: spend one evaluation on Tweedie's denoiser at eps.
     variant: B(h), ``bh1`` or ``bh2``.
     lower_order_final: lower the order of the last steps (of every run, as the authors do).
+    corrector: one of ``CORRECTORS``: ``unic`` (UniPC), ``trapezoid`` (UniC-1 after UniP-p) or
+      ``none`` (UniP-p alone).
     **unknown: rejected with a ``ValueError`` naming the valid options.
   """
   ode.reject_unknown(get_unipc_sampler, unknown, "the unipc sampler")
   steps = fixed_budget.solver_steps("unipc", nfe, denoise, order, ORDERS)
   if variant not in VARIANTS:
     raise ValueError(f"Unknown variant {variant!r}; valid choices: {VARIANTS}.")
+  if corrector not in CORRECTORS:
+    raise ValueError(f"Unknown corrector {corrector!r}; valid choices: {CORRECTORS}.")
   lv = noise_levels.levels(sde, noise_levels.time_grid(sde, time_grid, steps, eps, rho))
-  w = _weights(lv, dpm_solver_pp.multistep_orders(steps, order, lower_order_final, below=None), order, variant)
+  w = _weights(lv, dpm_solver_pp.multistep_orders(steps, order, lower_order_final, below=None), order, variant,
+               corrector)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   coeffs = dict(t_next=f32(lv.t[1:]), alpha_next=f32(lv.alpha[1:]), sigma_next=f32(lv.sigma[1:]),
                 **{k: f32(v) for k, v in w.items()})
@@ -127,4 +147,4 @@ def get_unipc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 10
   return fixed_budget.build_sampler(sde, shape, solve, nfe=nfe, eps=eps, denoise=denoise)
 
 
-__all__ = ["ORDERS", "VARIANTS", "get_unipc_sampler"]
+__all__ = ["CORRECTORS", "ORDERS", "VARIANTS", "get_unipc_sampler"]
