@@ -108,6 +108,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   model.nonlinearity = "swish"              # swish | elu | relu | lrelu (NCSN configs: elu)
   model.interpolation = "bilinear"          # ncsn*: bilinear | bilinear_align_corners | nearest_neighbor
   model.num_classes = 0                     # ncsn: its number of noise levels (= num_scales); 0: derived
+  model.remat = False                       # ncsnpp, ddpm, unet, ncsn*: recompute block activations on the backward pass
+  model.dtype = "float32"                   # ncsnpp, ddpm, unet: compute dtype, float32 | bfloat16 (parameters stay float32)
 
   # Noise-conditional classifier of class-conditional sampling (models.classifier.get_classifier).
   config.classifier = classifier = ml_collections.ConfigDict()

@@ -31,6 +31,9 @@ MODELS: dict[str, type[nn.Module]] = {
 
 # Constructor arguments taken from config sections other than ``config.model``.
 _OTHER_SECTIONS = {"centered": "data", "continuous": "training"}
+# Memory and speed options (``config.model.remat``, ``config.model.dtype``) and their "off" values:
+# a network without the option refuses any other value rather than ignoring it.
+_OPTIONS = {"remat": False, "dtype": "float32"}
 
 
 def get_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -43,13 +46,18 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
   jitted samplers).
 
   Raises:
-    ValueError: for an unknown name.
+    ValueError: for an unknown name, or a memory / speed option (``remat``, ``dtype``) turned on
+      for a network that does not offer it.
   """
   name = config.model.name.lower()
   if name not in MODELS:
     raise ValueError(f"Unknown model {config.model.name!r}; valid choices: {sorted(MODELS)}. Set "
                      f"config.model.name to one of them.")
   cls = MODELS[name]
+  names = {field.name for field in dataclasses.fields(cls)}
+  for option, off in _OPTIONS.items():
+    if option not in names and config.model.get(option, off) != off:
+      raise ValueError(f"The {name} network has no {option} option; set config.model.{option} = {off!r}.")
   kwargs = {}
   for field in dataclasses.fields(cls):
     section = config.get(_OTHER_SECTIONS.get(field.name, "model"), {})

@@ -11,7 +11,9 @@
 
 Every GroupNorm has 32 groups, so every level's channel count must be a multiple of 32. The label
 embedding is always sinusoidal (the original ignores ``embedding_type`` for this model). Sub-modules
-are created in the original's order, so parameters carry the original's Flax names.
+are created in the original's order, so parameters carry the original's Flax names. ``remat`` and
+``dtype`` (off by default) trade the original's arithmetic for memory or speed without changing
+the parameters; see ``ncsnpp``.
 
 Shapes: x (B, H, W, C) NHWC; labels (B,); output (B, H, W, C).
 """
@@ -50,6 +52,9 @@ class DDPM(nn.Module):
     centered: the data already lie in [-1, 1]; otherwise [0, 1] inputs are mapped to 2x - 1.
     sigma_min, sigma_max, num_scales: the VE schedule, for sigma of a discrete label.
     continuous: labels are continuous (sigma itself for VE) rather than indices of the table.
+    remat: rematerialise every residual and attention block (``nn.remat``): less memory, more compute.
+    dtype: compute dtype, ``float32`` or ``bfloat16`` (parameters, normalisation statistics, softmax
+      and the output stay float32).
   """
 
   nf: int = 128
@@ -66,6 +71,8 @@ class DDPM(nn.Module):
   sigma_max: float = 50.0
   num_scales: int = 1000
   continuous: bool = True
+  remat: bool = False
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: Array, labels: Array, train: bool = False) -> Array:
@@ -81,20 +88,23 @@ class DDPM(nn.Module):
     """
     layers.check_image_shape(x, self.ch_mult, "DDPM")
     act = layers.get_act(self.nonlinearity)
+    dtype = layers.compute_dtype(self.dtype)
     nf, num_levels = self.nf, len(self.ch_mult)
-    block = functools.partial(layers.ResnetBlockDDPM, act=act, dropout=self.dropout, num_groups=GROUPS)
-    attention = functools.partial(layers.AttnBlock, num_groups=GROUPS)
+    block = functools.partial(layers.rematerialised(layers.ResnetBlockDDPM, self.remat, (3,)), act=act,
+                              dropout=self.dropout, num_groups=GROUPS, dtype=dtype)
+    attention = functools.partial(layers.rematerialised(layers.AttnBlock, self.remat), num_groups=GROUPS, dtype=dtype)
 
     # Noise-label embedding.
     temb = None
     if self.conditional:
       temb = layers.timestep_embedding(labels, nf)
-      temb = nn.Dense(4 * nf, kernel_init=layers.default_init())(temb)
-      temb = nn.Dense(4 * nf, kernel_init=layers.default_init())(act(temb))
+      temb = nn.Dense(4 * nf, kernel_init=layers.default_init(), dtype=dtype)(temb)
+      temb = nn.Dense(4 * nf, kernel_init=layers.default_init(), dtype=dtype)(act(temb))
 
     # Downsampling path, keeping every activation for the skip connections.
     h = x if self.centered else 2 * x - 1.0
-    hs = [layers.conv3x3(h, nf)]
+    h = h if dtype is None else h.astype(dtype)
+    hs = [layers.conv3x3(h, nf, dtype=dtype)]
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
         h = block(out_ch=nf * mult)(hs[-1], temb, train)
@@ -102,7 +112,7 @@ class DDPM(nn.Module):
           h = attention()(h)
         hs.append(h)
       if level != num_levels - 1:
-        hs.append(layers.Downsample(with_conv=self.resamp_with_conv)(hs[-1]))
+        hs.append(layers.Downsample(with_conv=self.resamp_with_conv, dtype=dtype)(hs[-1]))
 
     # Middle.
     h = block()(hs[-1], temb, train)
@@ -116,10 +126,11 @@ class DDPM(nn.Module):
       if h.shape[1] in self.attn_resolutions:
         h = attention()(h)
       if level != 0:
-        h = layers.Upsample(with_conv=self.resamp_with_conv)(h)
+        h = layers.Upsample(with_conv=self.resamp_with_conv, dtype=dtype)(h)
 
     # Output, initialised near zero.
-    h = layers.conv3x3(act(layers.group_norm(h.shape[-1], GROUPS)(h)), x.shape[-1], init_scale=0.0)
+    h = layers.conv3x3(act(layers.group_norm(h.shape[-1], GROUPS, dtype)(h)), x.shape[-1], init_scale=0.0, dtype=dtype)
+    h = h if dtype is None else h.astype(jnp.float32)
     if self.scale_by_sigma:
       sigma = layers.noise_levels(labels, self.continuous, self.sigma_min, self.sigma_max, self.num_scales)
       h = h / sigma[:, None, None, None]

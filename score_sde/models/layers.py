@@ -20,6 +20,12 @@ did (``Conv_0``, ``Dense_0``, ``GroupNorm_1``, ``NIN_3``, ...) and its checkpoin
 * Residual blocks: ``ResnetBlock`` (this package's small U-Net), ``ResnetBlockDDPM`` (Ho et al.),
   ``ResnetBlockDDPMpp`` and ``ResnetBlockBigGANpp`` (NCSN++; the BigGAN block resamples inside
   the block). ``skip_rescale`` divides a residual sum by sqrt(2).
+* Memory and speed options (both off by default, which is the original's arithmetic):
+  ``rematerialised`` wraps a block class in ``nn.remat`` under its own name, so the backward pass
+  recomputes the block's activations and the parameter tree is unchanged; a layer's ``dtype``
+  (``compute_dtype``: ``None`` for float32, or bfloat16) is the dtype its convolutions, dense layers
+  and attention compute in, while parameters stay float32 and GroupNorm statistics and softmax
+  are computed in float32.
 
 Shapes: labels are (B,); images are NHWC; vectors are (B, D); embeddings are (B, E).
 """
@@ -28,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,6 +47,8 @@ Array = jax.Array
 Activation = Callable[[Array], Array]
 
 EMBEDDING_TYPES = ("fourier", "positional")
+# Compute dtypes by ``config.model.dtype``; ``None`` lets flax compute in the parameters' float32.
+DTYPES: dict[str, Any] = {"float32": None, "bfloat16": jnp.bfloat16}
 
 # The original's ``get_act``: activation functions by ``config.model.nonlinearity``.
 ACTIVATIONS: dict[str, Activation] = {
@@ -59,6 +67,40 @@ def get_act(nonlinearity: str) -> Activation:
   return ACTIVATIONS[name]
 
 
+# --- memory and speed options ---------------------------------------------------------------------
+
+
+def compute_dtype(name: str) -> Any:
+  """The compute dtype named ``name`` (``DTYPES``): ``None`` for float32, else e.g. ``jnp.bfloat16``."""
+  if name not in DTYPES:
+    raise ValueError(f"Unknown compute dtype {name!r}; valid choices: {sorted(DTYPES)}. Set config.model.dtype "
+                     f"to one of them.")
+  return DTYPES[name]
+
+
+@functools.cache
+def _rematerialised(cls: type[nn.Module], static_argnums: tuple[int, ...]) -> type[nn.Module]:
+  lifted = nn.remat(cls, static_argnums=static_argnums)
+  # Flax names a submodule after its class: keeping the name keeps every parameter path.
+  lifted.__name__ = lifted.__qualname__ = cls.__name__
+  return lifted
+
+
+def rematerialised(cls: type[nn.Module], remat: bool, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+  """``cls``, or with ``remat`` its ``nn.remat`` version under the same name and parameter paths.
+
+  Args:
+    cls: a block class.
+    remat: recompute the block's activations on the backward pass instead of storing them.
+    static_argnums: positions of non-array arguments of ``__call__``, counting ``self`` as 0
+      (e.g. ``(3,)`` for ``train`` in ``block(x, temb, train)``); pass them positionally.
+
+  Returns:
+    A module class with ``cls``'s attributes, names and outputs.
+  """
+  return _rematerialised(cls, tuple(static_argnums)) if remat else cls
+
+
 # --- initialisers, normalisation, 1x1 / 3x3 layers ------------------------------------------------
 
 
@@ -73,30 +115,34 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
   return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
-def group_norm(channels: int, groups: int | None = None) -> nn.GroupNorm:
-  """GroupNorm over ``channels`` with ``groups`` groups (``None``: ``num_groups(channels)``), eps 1e-6."""
+def group_norm(channels: int, groups: int | None = None, dtype: Any = None) -> nn.GroupNorm:
+  """GroupNorm over ``channels`` with ``groups`` groups (``None``: ``num_groups(channels)``), eps 1e-6.
+
+  With a ``dtype`` the output has that dtype; statistics are reduced in float32 either way.
+  """
   groups = num_groups(channels) if groups is None else groups
   if channels % groups:
     raise ValueError(f"GroupNorm with {groups} groups needs a channel count divisible by {groups}, got "
                      f"{channels}; choose nf and ch_mult so that every level's channels are multiples of "
                      f"{groups}.")
-  return nn.GroupNorm(num_groups=groups, epsilon=1e-6, use_fast_variance=False)
+  return nn.GroupNorm(num_groups=groups, epsilon=1e-6, use_fast_variance=False, dtype=dtype)
 
 
-def conv3x3(x: Array, features: int, stride: int = 1, bias: bool = True, init_scale: float = 1.0) -> Array:
+def conv3x3(x: Array, features: int, stride: int = 1, bias: bool = True, init_scale: float = 1.0,
+            dtype: Any = None) -> Array:
   """A 'SAME' 3x3 convolution with DDPM's initialisation, created in the calling module's scope.
 
   (B, H, W, C) -> (B, H / stride, W / stride, features). Stride 2 pads one row and column after
-  the image, as the PyTorch port's explicit (0, 1, 0, 1) padding.
+  the image, as the PyTorch port's explicit (0, 1, 0, 1) padding. ``dtype``: compute dtype.
   """
   return nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME", use_bias=bias,
-                 kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros)(x)
+                 kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros, dtype=dtype)(x)
 
 
-def conv1x1(x: Array, features: int, bias: bool = True, init_scale: float = 1.0) -> Array:
+def conv1x1(x: Array, features: int, bias: bool = True, init_scale: float = 1.0, dtype: Any = None) -> Array:
   """A 1x1 convolution with DDPM's initialisation: (B, H, W, C) -> (B, H, W, features)."""
   return nn.Conv(features, (1, 1), use_bias=bias, kernel_init=default_init(init_scale),
-                 bias_init=nn.initializers.zeros)(x)
+                 bias_init=nn.initializers.zeros, dtype=dtype)(x)
 
 
 class NIN(nn.Module):
@@ -105,16 +151,20 @@ class NIN(nn.Module):
   Attributes:
     num_units: output features.
     init_scale: ``default_init`` scale of ``W`` (C_in, num_units).
+    dtype: compute dtype (``None``: the parameters' float32).
   """
 
   num_units: int
   init_scale: float = 0.1
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """(..., C_in) -> (..., num_units)."""
     w = self.param("W", default_init(self.init_scale), (x.shape[-1], self.num_units))
     b = self.param("b", nn.initializers.zeros, (self.num_units,))
+    if self.dtype is not None:
+      x, w, b = (a.astype(self.dtype) for a in (x, w, b))
     return jnp.tensordot(x, w, axes=1) + b
 
 
@@ -172,12 +222,14 @@ class NoiseLabelEmbedding(nn.Module):
       i.e. continuous-time conventions) or ``positional`` (sinusoidal embedding of the label).
     embedding_size: frequencies of the Fourier features / width of the sinusoidal embedding.
     fourier_scale: standard deviation of the Fourier frequencies.
+    dtype: compute dtype of the dense layers (the label features stay float32).
   """
 
   features: int
   embedding_type: str = "positional"
   embedding_size: int = 64
   fourier_scale: float = 16.0
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, labels: Array) -> Array:
@@ -188,8 +240,8 @@ class NoiseLabelEmbedding(nn.Module):
       emb = timestep_embedding(labels, self.embedding_size)
     else:
       raise ValueError(f"Unknown embedding_type {self.embedding_type!r}; valid choices: {EMBEDDING_TYPES}.")
-    emb = nn.Dense(self.features, kernel_init=default_init())(emb)
-    return nn.Dense(self.features, kernel_init=default_init())(nn.silu(emb))
+    emb = nn.Dense(self.features, kernel_init=default_init(), dtype=self.dtype)(emb)
+    return nn.Dense(self.features, kernel_init=default_init(), dtype=self.dtype)(nn.silu(emb))
 
 
 # --- blocks of this package's small networks ----------------------------------------------------
@@ -230,23 +282,25 @@ class ResnetBlock(nn.Module):
   Attributes:
     out_ch: output channels (``None`` keeps the input's).
     dropout: dropout rate (active only when ``train``).
+    dtype: compute dtype (``None``: the parameters' float32).
   """
 
   out_ch: int | None = None
   dropout: float = 0.0
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array, temb: Array | None, train: bool) -> Array:
     """(B, H, W, C), (B, E) or None -> (B, H, W, out_ch)."""
-    channels = x.shape[-1]
+    channels, dtype = x.shape[-1], self.dtype
     out_ch = self.out_ch or channels
-    h = nn.Conv(out_ch, (3, 3), kernel_init=default_init())(nn.silu(group_norm(channels)(x)))
+    h = nn.Conv(out_ch, (3, 3), kernel_init=default_init(), dtype=dtype)(nn.silu(group_norm(channels, dtype=dtype)(x)))
     if temb is not None:
-      h = h + nn.Dense(out_ch, kernel_init=default_init())(nn.silu(temb))[:, None, None, :]
-    h = nn.Dropout(self.dropout)(nn.silu(group_norm(out_ch)(h)), deterministic=not train)
-    h = nn.Conv(out_ch, (3, 3), kernel_init=default_init(0.0))(h)
+      h = h + nn.Dense(out_ch, kernel_init=default_init(), dtype=dtype)(nn.silu(temb))[:, None, None, :]
+    h = nn.Dropout(self.dropout)(nn.silu(group_norm(out_ch, dtype=dtype)(h)), deterministic=not train)
+    h = nn.Conv(out_ch, (3, 3), kernel_init=default_init(0.0), dtype=dtype)(h)
     if channels != out_ch:
-      x = nn.Dense(out_ch, kernel_init=default_init())(x)
+      x = nn.Dense(out_ch, kernel_init=default_init(), dtype=dtype)(x)
     return x + h
 
 
@@ -254,8 +308,9 @@ class ResnetBlock(nn.Module):
 
 
 def residual_sum(x: Array, h: Array, skip_rescale: bool) -> Array:
-  """x + h, divided by sqrt(2) when ``skip_rescale`` (the original's residual rescaling)."""
-  return (x + h) / np.sqrt(2.0) if skip_rescale else x + h
+  """x + h, divided by sqrt(2) when ``skip_rescale`` (the original's residual rescaling), in their dtype."""
+  s = x + h
+  return s / jnp.asarray(np.sqrt(2.0), s.dtype) if skip_rescale else s
 
 
 class AttnBlock(nn.Module):
@@ -268,21 +323,25 @@ class AttnBlock(nn.Module):
     num_groups: GroupNorm groups (``None``: ``num_groups(C)``; DDPM uses 32).
     init_scale: initialisation scale of the output projection.
     skip_rescale: divide the residual sum by sqrt(2).
+    dtype: compute dtype of the projections and products (``None``: float32); the softmax is
+      always taken in float32.
   """
 
   num_groups: int | None = None
   init_scale: float = 0.0
   skip_rescale: bool = False
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """(B, H, W, C) -> (B, H, W, C)."""
     b, height, width, channels = x.shape
-    h = group_norm(channels, self.num_groups)(x)
-    q, k, v = (NIN(channels)(h).reshape(b, height * width, channels) for _ in range(3))
-    weights = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * (int(channels) ** -0.5), axis=-1)
+    h = group_norm(channels, self.num_groups, self.dtype)(x)
+    q, k, v = (NIN(channels, dtype=self.dtype)(h).reshape(b, height * width, channels) for _ in range(3))
+    logits = jnp.einsum("bic,bjc->bij", q, k) * (int(channels) ** -0.5)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     h = jnp.einsum("bij,bjc->bic", weights, v).reshape(x.shape)
-    return residual_sum(x, NIN(channels, init_scale=self.init_scale)(h), self.skip_rescale)
+    return residual_sum(x, NIN(channels, init_scale=self.init_scale, dtype=self.dtype)(h), self.skip_rescale)
 
 
 class AttnBlockpp(AttnBlock):
@@ -300,12 +359,14 @@ class Upsample(nn.Module):
     out_ch: output channels of the convolution (``None`` keeps the input's; needs ``with_conv``).
     fir: FIR upsampling (``up_or_down_sampling``) instead of nearest-neighbour copies.
     fir_kernel: the FIR filter.
+    dtype: compute dtype of the convolution (``None``: float32).
   """
 
   with_conv: bool = True
   out_ch: int | None = None
   fir: bool = False
   fir_kernel: Sequence[int] = up_or_down_sampling.DEFAULT_KERNEL
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -315,11 +376,11 @@ class Upsample(nn.Module):
       raise ValueError(f"Upsample without a convolution keeps the {x.shape[-1]} channels; got out_ch={out_ch}.")
     if not self.fir:
       h = up_or_down_sampling.naive_upsample_2d(x, factor=2)
-      return conv3x3(h, out_ch) if self.with_conv else h
+      return conv3x3(h, out_ch, dtype=self.dtype) if self.with_conv else h
     if not self.with_conv:
       return up_or_down_sampling.upsample_2d(x, self.fir_kernel, factor=2)
     return up_or_down_sampling.Conv2d(out_ch, kernel=3, up=True, resample_kernel=self.fir_kernel,
-                                      kernel_init=default_init())(x)
+                                      kernel_init=default_init(), dtype=self.dtype)(x)
 
 
 class Downsample(nn.Module):
@@ -333,12 +394,14 @@ class Downsample(nn.Module):
     out_ch: output channels of the convolution (``None`` keeps the input's; needs ``with_conv``).
     fir: FIR downsampling (``up_or_down_sampling``) instead of pooling / strided convolution.
     fir_kernel: the FIR filter.
+    dtype: compute dtype of the convolution (``None``: float32).
   """
 
   with_conv: bool = True
   out_ch: int | None = None
   fir: bool = False
   fir_kernel: Sequence[int] = up_or_down_sampling.DEFAULT_KERNEL
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -348,12 +411,12 @@ class Downsample(nn.Module):
       raise ValueError(f"Downsample without a convolution keeps the {x.shape[-1]} channels; got out_ch={out_ch}.")
     if not self.fir:
       if self.with_conv:
-        return conv3x3(x, out_ch, stride=2)
+        return conv3x3(x, out_ch, stride=2, dtype=self.dtype)
       return nn.avg_pool(x, (2, 2), strides=(2, 2))
     if not self.with_conv:
       return up_or_down_sampling.downsample_2d(x, self.fir_kernel, factor=2)
     return up_or_down_sampling.Conv2d(out_ch, kernel=3, down=True, resample_kernel=self.fir_kernel,
-                                      kernel_init=default_init())(x)
+                                      kernel_init=default_init(), dtype=self.dtype)(x)
 
 
 # --- residual blocks of DDPM and NCSN++ ------------------------------------------------------------
@@ -374,6 +437,7 @@ class ResnetBlockDDPM(nn.Module):
     num_groups: GroupNorm groups (DDPM: 32; ``None``: ``num_groups(C)``).
     skip_rescale: divide the residual sum by sqrt(2).
     init_scale: initialisation scale of Conv_1.
+    dtype: compute dtype (``None``: the parameters' float32).
   """
 
   act: Activation = nn.swish
@@ -383,20 +447,21 @@ class ResnetBlockDDPM(nn.Module):
   num_groups: int | None = 32
   skip_rescale: bool = False
   init_scale: float = 0.0
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array, temb: Array | None = None, train: bool = False) -> Array:
     """(B, H, W, C), (B, E) or None -> (B, H, W, out_ch)."""
-    channels = x.shape[-1]
+    channels, dtype = x.shape[-1], self.dtype
     out_ch = self.out_ch or channels
-    h = conv3x3(self.act(group_norm(channels, self.num_groups)(x)), out_ch)
+    h = conv3x3(self.act(group_norm(channels, self.num_groups, dtype)(x)), out_ch, dtype=dtype)
     if temb is not None:
-      h = h + nn.Dense(out_ch, kernel_init=default_init())(self.act(temb))[:, None, None, :]
-    h = self.act(group_norm(out_ch, self.num_groups)(h))
+      h = h + nn.Dense(out_ch, kernel_init=default_init(), dtype=dtype)(self.act(temb))[:, None, None, :]
+    h = self.act(group_norm(out_ch, self.num_groups, dtype)(h))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    h = conv3x3(h, out_ch, init_scale=self.init_scale)
+    h = conv3x3(h, out_ch, init_scale=self.init_scale, dtype=dtype)
     if channels != out_ch:
-      x = conv3x3(x, out_ch) if self.conv_shortcut else NIN(out_ch)(x)
+      x = conv3x3(x, out_ch, dtype=dtype) if self.conv_shortcut else NIN(out_ch, dtype=dtype)(x)
     return residual_sum(x, h, self.skip_rescale)
 
 
@@ -426,6 +491,7 @@ class ResnetBlockBigGANpp(nn.Module):
     fir_kernel: the FIR filter.
     skip_rescale: divide the residual sum by sqrt(2).
     init_scale: initialisation scale of Conv_1.
+    dtype: compute dtype (``None``: the parameters' float32).
   """
 
   act: Activation = nn.swish
@@ -437,6 +503,7 @@ class ResnetBlockBigGANpp(nn.Module):
   fir_kernel: Sequence[int] = up_or_down_sampling.DEFAULT_KERNEL
   skip_rescale: bool = True
   init_scale: float = 0.0
+  dtype: Any = None
 
   def _resample(self, x: Array) -> Array:
     if self.up:
@@ -454,18 +521,18 @@ class ResnetBlockBigGANpp(nn.Module):
     """(B, H, W, C), (B, E) or None -> (B, H', W', out_ch), H' = 2H (up), H/2 (down) or H."""
     if self.up and self.down:
       raise ValueError("A BigGAN block can upsample or downsample, not both; set up=False or down=False.")
-    channels = x.shape[-1]
+    channels, dtype = x.shape[-1], self.dtype
     out_ch = self.out_ch or channels
-    h = self.act(group_norm(channels)(x))
+    h = self.act(group_norm(channels, dtype=dtype)(x))
     h, x = self._resample(h), self._resample(x)
-    h = conv3x3(h, out_ch)
+    h = conv3x3(h, out_ch, dtype=dtype)
     if temb is not None:
-      h = h + nn.Dense(out_ch, kernel_init=default_init())(self.act(temb))[:, None, None, :]
-    h = self.act(group_norm(out_ch)(h))
+      h = h + nn.Dense(out_ch, kernel_init=default_init(), dtype=dtype)(self.act(temb))[:, None, None, :]
+    h = self.act(group_norm(out_ch, dtype=dtype)(h))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    h = conv3x3(h, out_ch, init_scale=self.init_scale)
+    h = conv3x3(h, out_ch, init_scale=self.init_scale, dtype=dtype)
     if channels != out_ch or self.up or self.down:
-      x = conv1x1(x, out_ch)
+      x = conv1x1(x, out_ch, dtype=dtype)
     return residual_sum(x, h, self.skip_rescale)
 
 
@@ -477,16 +544,18 @@ class Combine(nn.Module):
 
   Attributes:
     method: ``cat`` or ``sum``.
+    dtype: compute dtype of the convolution (``None``: float32).
   """
 
   method: str = "cat"
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array, h: Array) -> Array:
     """(B, H, W, C_x), (B, H, W, C) -> (B, H, W, 2C) (cat) or (B, H, W, C) (sum)."""
     if self.method not in ("cat", "sum"):
       raise ValueError(f"Unknown combine method {self.method!r}; valid choices: ['cat', 'sum'].")
-    x = conv1x1(x, h.shape[-1])
+    x = conv1x1(x, h.shape[-1], dtype=self.dtype)
     return jnp.concatenate([x, h], axis=-1) if self.method == "cat" else x + h
 
 

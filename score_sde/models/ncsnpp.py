@@ -29,7 +29,10 @@ sigma is the label itself for continuous training and the entry of the descendin
 discrete label (an index). The original looked sigma up in the table whenever the embedding was
 positional, which turns a continuous VE label into a meaningless index; here ``continuous`` decides.
 
-Residual sums are divided by sqrt(2) with ``skip_rescale``. Sub-modules are created in the
+Residual sums are divided by sqrt(2) with ``skip_rescale``. Two options trade exactness of the
+defaults for memory or speed, and leave the parameters as they are (checkpoints load either way):
+``remat`` recomputes each residual and attention block's activations on the backward pass, and
+``dtype='bfloat16'`` computes in bfloat16 with float32 parameters and a float32 output. Sub-modules are created in the
 original's order, so every parameter has the original's Flax name (``ResnetBlockBigGANpp_3``,
 ``Conv_0``, ...) and its checkpoints load one to one (``score_sde.convert``).
 
@@ -94,6 +97,9 @@ class NCSNpp(nn.Module):
     centered: the data already lie in [-1, 1]; otherwise [0, 1] inputs are mapped to 2x - 1.
     sigma_min, sigma_max, num_scales: the VE schedule, for sigma of a discrete label.
     continuous: labels are continuous (sigma itself for VE) rather than indices of the table.
+    remat: rematerialise every residual and attention block (``nn.remat``): less memory, more compute.
+    dtype: compute dtype, ``float32`` or ``bfloat16`` (parameters, label features, normalisation
+      statistics, softmax and the output stay float32).
   """
 
   nf: int = 128
@@ -120,6 +126,8 @@ class NCSNpp(nn.Module):
   sigma_max: float = 50.0
   num_scales: int = 1000
   continuous: bool = True
+  remat: bool = False
+  dtype: str = "float32"
 
   def _validate(self, x: Array) -> None:
     layers.check_image_shape(x, self.ch_mult, "NCSNpp")
@@ -146,19 +154,23 @@ class NCSNpp(nn.Module):
     """
     self._validate(x)
     act = layers.get_act(self.nonlinearity)
+    dtype = layers.compute_dtype(self.dtype)
     nf, num_levels, channels = self.nf, len(self.ch_mult), x.shape[-1]
-    combine = functools.partial(layers.Combine, method=self.progressive_combine)
-    attention = functools.partial(layers.AttnBlockpp, init_scale=self.init_scale, skip_rescale=self.skip_rescale)
-    resample = dict(fir=self.fir, fir_kernel=self.fir_kernel)
+    combine = functools.partial(layers.Combine, method=self.progressive_combine, dtype=dtype)
+    attention = functools.partial(layers.rematerialised(layers.AttnBlockpp, self.remat), init_scale=self.init_scale,
+                                  skip_rescale=self.skip_rescale, dtype=dtype)
+    resample = dict(fir=self.fir, fir_kernel=self.fir_kernel, dtype=dtype)
     if self.resblock_type == "ddpm":
-      block = functools.partial(layers.ResnetBlockDDPMpp, act=act, dropout=self.dropout,
-                                init_scale=self.init_scale, skip_rescale=self.skip_rescale)
+      block = functools.partial(layers.rematerialised(layers.ResnetBlockDDPMpp, self.remat, (3,)), act=act,
+                                dropout=self.dropout, init_scale=self.init_scale, skip_rescale=self.skip_rescale,
+                                dtype=dtype)
     else:
-      block = functools.partial(layers.ResnetBlockBigGANpp, act=act, dropout=self.dropout, **resample,
-                                init_scale=self.init_scale, skip_rescale=self.skip_rescale)
+      block = functools.partial(layers.rematerialised(layers.ResnetBlockBigGANpp, self.remat, (3,)), act=act,
+                                dropout=self.dropout, **resample, init_scale=self.init_scale,
+                                skip_rescale=self.skip_rescale)
 
     def norm_act(h: Array) -> Array:
-      return act(layers.group_norm(h.shape[-1])(h))
+      return act(layers.group_norm(h.shape[-1], dtype=dtype)(h))
 
     # Noise-label embedding.
     if self.embedding_type == "fourier":
@@ -166,15 +178,16 @@ class NCSNpp(nn.Module):
     else:
       temb = layers.timestep_embedding(labels, nf)
     if self.conditional:
-      temb = nn.Dense(4 * nf, kernel_init=layers.default_init())(temb)
-      temb = nn.Dense(4 * nf, kernel_init=layers.default_init())(act(temb))
+      temb = nn.Dense(4 * nf, kernel_init=layers.default_init(), dtype=dtype)(temb)
+      temb = nn.Dense(4 * nf, kernel_init=layers.default_init(), dtype=dtype)(act(temb))
     else:
       temb = None
 
     # Downsampling path, keeping every activation for the skip connections.
     x = x if self.centered else 2 * x - 1.0
+    x = x if dtype is None else x.astype(dtype)
     input_pyramid = x
-    hs = [layers.conv3x3(x, nf)]
+    hs = [layers.conv3x3(x, nf, dtype=dtype)]
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
         h = block(out_ch=nf * mult)(hs[-1], temb, train)
@@ -209,11 +222,11 @@ class NCSNpp(nn.Module):
       if self.progressive == "output_skip":
         if level != num_levels - 1:
           pyramid = layers.Upsample(with_conv=False, **resample)(pyramid)
-        image = layers.conv3x3(norm_act(h), channels, init_scale=self.init_scale)
+        image = layers.conv3x3(norm_act(h), channels, init_scale=self.init_scale, dtype=dtype)
         pyramid = image if pyramid is None else pyramid + image
       elif self.progressive == "residual":
         if level == num_levels - 1:
-          pyramid = layers.conv3x3(norm_act(h), h.shape[-1])
+          pyramid = layers.conv3x3(norm_act(h), h.shape[-1], dtype=dtype)
         else:
           pyramid = layers.Upsample(with_conv=True, out_ch=h.shape[-1], **resample)(pyramid)
           h = pyramid = layers.residual_sum(pyramid, h, self.skip_rescale)
@@ -227,7 +240,8 @@ class NCSNpp(nn.Module):
     if self.progressive == "output_skip":
       h = pyramid
     else:
-      h = layers.conv3x3(norm_act(h), channels, init_scale=self.init_scale)
+      h = layers.conv3x3(norm_act(h), channels, init_scale=self.init_scale, dtype=dtype)
+    h = h if dtype is None else h.astype(jnp.float32)
     if self.scale_by_sigma:
       sigma = layers.noise_levels(labels, self.continuous, self.sigma_min, self.sigma_max, self.num_scales)
       h = h / sigma[:, None, None, None]

@@ -122,6 +122,8 @@ class NCSNv2(nn.Module):
     sigma_min, sigma_max, num_scales: the VE schedule, for sigma of a discrete label (defaults: the
       original's CIFAR-10 NCSNv2 config).
     continuous: labels are sigma itself rather than indices of the descending table.
+    remat: rematerialise every residual block and RefineBlock (``nn.remat``): the backward pass
+      recomputes their activations (less memory, more compute; same parameters and outputs).
   """
 
   nf: int = 128
@@ -134,6 +136,7 @@ class NCSNv2(nn.Module):
   sigma_max: float = 50.0
   num_scales: int = 232
   continuous: bool = False
+  remat: bool = False
 
   stages: ClassVar[tuple[Stage, ...]] = ((1, False, 1), (2, True, 1), (2, True, 2), (2, True, 4))
   refine_widths: ClassVar[tuple[int, ...]] = (2, 2, 1, 1)  # coarsest RefineBlock first
@@ -160,15 +163,17 @@ class NCSNv2(nn.Module):
     # ResNet backbone.
     features = []
     for width, down, dilation in self.stages:
-      block = functools.partial(ncsn_layers.ResidualBlock, width * self.nf, norm, act=act, dilation=dilation)
+      block = functools.partial(layers.rematerialised(ncsn_layers.ResidualBlock, self.remat), width * self.nf, norm,
+                                act=act, dilation=dilation)
       h = block(resample="down" if down else None)(h)
       h = block(resample=None)(h)
       features.append(h)
     # RefineNet, from the coarsest features to the finest.
     h = None
     for i, (skip, width) in enumerate(zip(reversed(features), self.refine_widths)):
-      h = ncsn_layers.RefineBlock(width * self.nf, act, self.interpolation, start=i == 0,
-                                  end=i == len(features) - 1)([skip] if h is None else [skip, h])
+      h = layers.rematerialised(ncsn_layers.RefineBlock, self.remat)(
+          width * self.nf, act, self.interpolation, start=i == 0, end=i == len(features) - 1)(
+              [skip] if h is None else [skip, h])
     h = act(norm(h.shape[-1])(h))
     return _output(self, ncsn_layers.conv(h, x.shape[-1]), labels)
 
@@ -204,6 +209,7 @@ class NCSN(nn.Module):
     sigma_min, sigma_max, num_scales: the VE schedule; num_scales is the number of noise levels N
       (defaults: the original's CIFAR-10 NCSN config).
     continuous: must be False: NCSN conditions on the noise index, so it trains discretely.
+    remat: rematerialise every residual block and RefineBlock (see ``NCSNv2``).
   """
 
   nf: int = 128
@@ -217,6 +223,7 @@ class NCSN(nn.Module):
   sigma_max: float = 1.0
   num_scales: int = 10
   continuous: bool = False
+  remat: bool = False
 
   stages: ClassVar[tuple[Stage, ...]] = NCSNv2.stages
   refine_widths: ClassVar[tuple[int, ...]] = NCSNv2.refine_widths
@@ -257,15 +264,16 @@ class NCSN(nn.Module):
     h = ncsn_layers.conv(h, self.nf)
     features = []
     for width, down, dilation in self.stages:
-      block = functools.partial(ncsn_layers.ConditionalResidualBlock, width * self.nf, norm, act=act,
-                                dilation=dilation)
+      block = functools.partial(layers.rematerialised(ncsn_layers.ConditionalResidualBlock, self.remat),
+                                width * self.nf, norm, act=act, dilation=dilation)
       h = block(resample="down" if down else None)(h, y)
       h = block(resample=None)(h, y)
       features.append(h)
     h = None
     for i, (skip, width) in enumerate(zip(reversed(features), self.refine_widths)):
-      h = ncsn_layers.CondRefineBlock(width * self.nf, norm, act, self.interpolation, start=i == 0,
-                                      end=i == len(features) - 1)([skip] if h is None else [skip, h], y)
+      h = layers.rematerialised(ncsn_layers.CondRefineBlock, self.remat)(
+          width * self.nf, norm, act, self.interpolation, start=i == 0, end=i == len(features) - 1)(
+              [skip] if h is None else [skip, h], y)
     h = act(norm(h.shape[-1])(h, y))
     return _output(self, ncsn_layers.conv(h, x.shape[-1]), labels)
 

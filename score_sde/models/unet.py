@@ -11,10 +11,13 @@
 Every ResnetBlock receives the noise-label embedding (when ``conditional``). GroupNorm's group
 count divides the channels (``layers.num_groups``), so small ``nf`` works. This network never
 divides its output by sigma (the original's ``scale_by_sigma``, which ``ncsnpp`` and ``ddpm`` offer).
+``remat`` and ``dtype`` (off by default) trade memory or precision for speed without changing the
+parameters; see ``ncsnpp``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -41,6 +44,9 @@ class UNet(nn.Module):
     fourier_scale: standard deviation of the Fourier frequencies.
     centered: the data already lie in [-1, 1]; otherwise [0, 1] inputs are mapped to 2x - 1.
     resamp_with_conv: convolutional down/upsampling, else average pooling / plain nearest.
+    remat: rematerialise every residual and attention block (``nn.remat``): less memory, more compute.
+    dtype: compute dtype, ``float32`` or ``bfloat16`` (parameters, label features, normalisation
+      statistics, softmax and the output stay float32).
   """
 
   nf: int = 64
@@ -53,6 +59,8 @@ class UNet(nn.Module):
   fourier_scale: float = 16.0
   centered: bool = False
   resamp_with_conv: bool = True
+  remat: bool = False
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: Array, labels: Array, train: bool = False) -> Array:
@@ -74,34 +82,39 @@ class UNet(nn.Module):
       raise ValueError(f"Images of {x.shape[1]}x{x.shape[2]} cannot be halved {len(self.ch_mult) - 1} "
                        f"times (ch_mult={tuple(self.ch_mult)}); use sizes divisible by {factor} or a "
                        f"shorter ch_mult.")
+    dtype = layers.compute_dtype(self.dtype)
+    block = functools.partial(layers.rematerialised(layers.ResnetBlock, self.remat, (3,)), dtype=dtype)
+    attention = functools.partial(layers.rematerialised(layers.AttnBlock, self.remat), dtype=dtype)
     # Noise-label embedding, shared by every block.
     temb = None
     if self.conditional:
-      temb = layers.NoiseLabelEmbedding(4 * self.nf, self.embedding_type, self.nf, self.fourier_scale)(labels)
+      temb = layers.NoiseLabelEmbedding(4 * self.nf, self.embedding_type, self.nf, self.fourier_scale,
+                                        dtype=dtype)(labels)
     # Downsampling path, keeping every activation for the skip connections.
     h = x if self.centered else 2.0 * x - 1.0
-    hs = [nn.Conv(self.nf, (3, 3), kernel_init=layers.default_init())(h)]
+    h = h if dtype is None else h.astype(dtype)
+    hs = [nn.Conv(self.nf, (3, 3), kernel_init=layers.default_init(), dtype=dtype)(h)]
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
-        h = layers.ResnetBlock(self.nf * mult, self.dropout)(hs[-1], temb, train)
+        h = block(self.nf * mult, self.dropout)(hs[-1], temb, train)
         if h.shape[1] in self.attn_resolutions:
-          h = layers.AttnBlock()(h)
+          h = attention()(h)
         hs.append(h)
       if level != len(self.ch_mult) - 1:
-        hs.append(layers.Downsample(self.resamp_with_conv)(hs[-1]))
+        hs.append(layers.Downsample(self.resamp_with_conv, dtype=dtype)(hs[-1]))
     # Middle.
-    h = layers.ResnetBlock(dropout=self.dropout)(hs[-1], temb, train)
-    h = layers.AttnBlock()(h)
-    h = layers.ResnetBlock(dropout=self.dropout)(h, temb, train)
+    h = block(dropout=self.dropout)(hs[-1], temb, train)
+    h = attention()(h)
+    h = block(dropout=self.dropout)(h, temb, train)
     # Upsampling path, consuming the skips in reverse.
     for level, mult in reversed(list(enumerate(self.ch_mult))):
       for _ in range(self.num_res_blocks + 1):
-        h = layers.ResnetBlock(self.nf * mult, self.dropout)(jnp.concatenate([h, hs.pop()], axis=-1),
-                                                              temb, train)
+        h = block(self.nf * mult, self.dropout)(jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
         if h.shape[1] in self.attn_resolutions:
-          h = layers.AttnBlock()(h)
+          h = attention()(h)
       if level != 0:
-        h = layers.Upsample(self.resamp_with_conv)(h)
+        h = layers.Upsample(self.resamp_with_conv, dtype=dtype)(h)
     # Output, initialised near zero.
-    h = nn.silu(layers.group_norm(h.shape[-1])(h))
-    return nn.Conv(x.shape[-1], (3, 3), kernel_init=layers.default_init(0.0))(h)
+    h = nn.silu(layers.group_norm(h.shape[-1], dtype=dtype)(h))
+    h = nn.Conv(x.shape[-1], (3, 3), kernel_init=layers.default_init(0.0), dtype=dtype)(h)
+    return h if dtype is None else h.astype(jnp.float32)

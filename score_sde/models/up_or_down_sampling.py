@@ -21,7 +21,7 @@ Shapes: images are (B, H, W, C); conv weights are HWIO (k, k, C_in, C_out).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -164,6 +164,7 @@ class Conv2d(nn.Module):
     resample_kernel: the FIR filter.
     use_bias: add a bias (initialised to zero).
     kernel_init: initialiser of ``weight``.
+    dtype: compute dtype (``None``: the input's); the parameters stay float32.
   """
 
   fmaps: int
@@ -173,6 +174,7 @@ class Conv2d(nn.Module):
   resample_kernel: Sequence[float] = DEFAULT_KERNEL
   use_bias: bool = True
   kernel_init: Initializer = nn.initializers.lecun_normal()
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -182,6 +184,8 @@ class Conv2d(nn.Module):
     if self.kernel < 1 or self.kernel % 2 != 1:
       raise ValueError(f"Conv2d needs an odd kernel size, got {self.kernel}.")
     w = self.param("weight", self.kernel_init, (self.kernel, self.kernel, x.shape[-1], self.fmaps))
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
     if self.up:
       x = upsample_conv_2d(x, w, self.resample_kernel)
     elif self.down:
@@ -190,5 +194,5 @@ class Conv2d(nn.Module):
       x = lax.conv_general_dilated(x, w.astype(x.dtype), window_strides=(1, 1), padding="SAME",
                                    dimension_numbers=_DIMENSIONS)
     if self.use_bias:
-      x = x + self.param("bias", nn.initializers.zeros, (self.fmaps,))
+      x = x + self.param("bias", nn.initializers.zeros, (self.fmaps,)).astype(x.dtype)
     return x
