@@ -9,7 +9,8 @@ Modes: ``train`` (resumes from the newest checkpoint of the workdir; with
 ``training.final_evaluation`` it then samples and computes the held-out likelihood), ``eval`` (the
 eval loss over the whole split and the likelihood), ``sample``, ``likelihood`` and ``summary``
 (the parameter count and the resolved config, without compiling anything), and ``import`` (an
-original checkpoint, ``--source``, becomes the workdir's first checkpoint). Any config field can
+original checkpoint, ``--source``, becomes the workdir's first checkpoint) and ``fid_stats`` (Inception
+reference statistics of the data set, to ``eval.fid_stats_path`` or the workdir). Any config field can
 be overridden on the command line, e.g. ``--config.training.batch_size=64``.
 """
 
@@ -23,11 +24,12 @@ from ml_collections import config_flags
 
 from score_sde import evaluate
 from score_sde import models
+from score_sde import sample_quality
 from score_sde import train
 from score_sde import validation
 from score_sde.models import wrapper
 
-MODES = ("train", "eval", "sample", "likelihood", "summary", "import")
+MODES = ("train", "eval", "sample", "likelihood", "summary", "import", "fid_stats")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Configuration file (configs/...).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, logs, samples.")
@@ -96,13 +98,13 @@ def main(argv) -> None:
     _report_likelihood(evaluate.likelihood(config, workdir, out_dir))
   if mode == "eval":
     result = evaluate.evaluate(config, workdir, out_dir)
-    if "loss" in result:
-      loss = result["loss"]
-      _say(f"eval loss over {loss['num_examples']} {loss['split']} examples: {loss['loss']:.5g} +- {loss['sem']:.2g}")
-    if "likelihood" in result:
-      lik = result["likelihood"]
-      _say(f"likelihood ({lik['split']}): {lik['mean']:.4f} +- {lik['sem']:.4f} {lik['unit']}")
-    _say(f"  summary: {result['json']}")
+    for row in result["rows"]:
+      _say("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    _say(f"  summary: {result['csv']}, {result['json']}")
+  if mode == "fid_stats":
+    path = config.eval.fid_stats_path or str(workdir / f"{config.data.dataset.lower().replace('/', '_')}_stats.npz")
+    result = sample_quality.fid_stats(config, path)
+    _say(f"reference statistics of {result['num_examples']} examples: {result['path']}")
 
 
 if __name__ == "__main__":

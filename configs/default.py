@@ -60,6 +60,16 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.eps = 1e-5
   evaluate.likelihood_examples = 0          # examples of the likelihood pass (0: the whole split)
   evaluate.inception_path = ""              # FID Inception weights .npz (see score_sde/models/inception.py)
+  # --mode eval over checkpoints n = begin_ckpt..end_ckpt (step n * training.snapshot_freq).
+  evaluate.begin_ckpt = 1
+  evaluate.end_ckpt = 0                     # 0: every regular checkpoint present when the evaluation starts
+  evaluate.wait_timeout = 0                 # seconds to wait for a checkpoint not written yet (0: do not wait)
+  evaluate.bpd_repeats = 1                  # bits/dim passes, each with fresh dequantisation noise
+  evaluate.enable_sampling = False          # samples and FID / KID / IS (needs inception_path, fid_stats_path)
+  evaluate.fid_stats_path = ""              # reference statistics (--mode fid_stats writes them)
+  evaluate.inception_size = 299             # images are resized to this for the Inception network
+  evaluate.kid_subsets = 100
+  evaluate.kid_subset_size = 1000
 
   # Data.
   config.data = data = ml_collections.ConfigDict()

@@ -3,7 +3,7 @@
     result = evaluate.sample(config, workdir, out_dir)        # .npz + PNG of EMA samples
     result = evaluate.likelihood(config, workdir, out_dir)    # per-example values + mean and s.e.
     result = evaluate.eval_loss(config, workdir)              # the loss over the whole eval split
-    result = evaluate.evaluate(config, workdir, out_dir)      # loss and likelihood, summary JSON
+    result = evaluate.evaluate(config, workdir, out_dir)      # every checkpoint: loss, bpd, FID/KID/IS
 
 Every function reads the EMA parameters of the newest usable checkpoint of ``workdir`` (or of
 ``step``) and works on a mesh over every device: batches are sharded, the parameters replicated,
@@ -34,6 +34,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from score_sde import checkpoints
 from score_sde import datasets
 from score_sde import likelihood as likelihood_lib
 from score_sde import losses
@@ -64,6 +65,41 @@ class _Progress:
     eta = (self.total - done) / rate if rate else float("nan")
     logging.info("%s: %d/%d %s | %.1f %s/s | ETA %.0f s%s", self.what, done, self.total, self.unit, rate,
                  self.unit, eta, f" | {extra}" if extra else "")
+
+
+_PROGRAMS: dict[tuple, Callable] = {}
+
+
+def _program(key: tuple, build: Callable[[], Callable]) -> Callable:
+  """The program ``build()`` made once per ``key``: later passes and checkpoints reuse its compilation."""
+  if key not in _PROGRAMS:
+    _PROGRAMS[key] = build()
+  return _PROGRAMS[key]
+
+
+def _sample_program(config: ml_collections.ConfigDict, sde, mesh: jax.sharding.Mesh, quantised: bool = False
+                    ) -> Callable:
+  """``run(key, score_fn, first_index) -> (samples, nfe)``: the configured sampler, compiled once per setting.
+
+  Samples are batch-sharded, in data space ([0, 1] images), or uint8 pixels with ``quantised``.
+  """
+  shape = (config.sampling.batch_size,) + train.example_shape(config)
+  inverse_scaler = datasets.get_data_inverse_scaler(config.data.centered)
+
+  def build():
+    from score_sde import sample_quality  # pylint: disable=g-import-not-at-top
+
+    sampler = train.build_sampler(config, sde, shape)
+
+    def run(key, fn, first):
+      x, nfe = sampler(key, fn, first_index=first)
+      x = inverse_scaler(x)
+      return (sample_quality.quantise(x) if quantised else x), nfe
+
+    return jax.jit(run, out_shardings=(parallel.batch_sharding(mesh), parallel.replicated(mesh)))
+
+  return _program(("sample", repr(sde), shape, config.sampling.to_json(), config.data.centered, quantised, mesh),
+                  build)
 
 
 def _gather(x: Array) -> np.ndarray:
@@ -113,10 +149,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, out
   if num_samples < 1:
     raise ValueError(f"num_samples must be positive, got {num_samples}; set --config.eval.num_samples.")
   sde, _, score_fn, step = train.restore_for_inference(config, workdir, step=step, devices=devices)
-  shape = (batch,) + train.example_shape(config)
-  sampler = train.build_sampler(config, sde, shape)
-  run = jax.jit(lambda key, fn, first: sampler(key, fn, first_index=first), out_shardings=(
-      parallel.batch_sharding(mesh), parallel.replicated(mesh)))
+  run = _sample_program(config, sde, mesh)
   key = _key(config, _SAMPLE)
   rounds = math.ceil(num_samples / batch)
   progress, chunks, nfe = _Progress("sampling", rounds * batch, "samples"), [], 0
@@ -124,8 +157,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, out
     x, nfe = run(key, score_fn, jnp.int32(r * batch))
     chunks.append(_gather(x))
     progress.update((r + 1) * batch)
-  inverse_scaler = datasets.get_data_inverse_scaler(config.data.centered)
-  samples = np.asarray(inverse_scaler(np.concatenate(chunks)[:num_samples]))
+  samples = np.concatenate(chunks)[:num_samples]
   out_dir = epath.Path(out_dir)
   npz, png = out_dir / f"samples_{step}.npz", out_dir / f"samples_{step}.png"
   _write_npz(npz, samples=samples)
@@ -171,6 +203,7 @@ def _likelihood_fn(config: ml_collections.ConfigDict, sde, eight_bit: bool) -> C
 
 def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, out_dir: str | epath.PathLike,
                *, split: str | None = None, max_examples: int | None = None, step: int | None = None,
+               key: Array | None = None, name: str | None = None,
                devices: list[jax.Device] | None = None) -> dict[str, Any]:
   """The PF-ODE likelihood of every example of a split (``config.eval.bpd_dataset`` by default).
 
@@ -182,6 +215,8 @@ def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
   Args:
     max_examples: stop after this many examples (default ``config.eval.likelihood_examples``; 0: the
       whole split).
+    key: the base key of the pass (default: from ``config.seed``).
+    name: the output file's name (default ``likelihood_<split>_<step>.npz``).
 
   Returns:
     {"values": (N,), "mean", "sem" (standard error), "unit" ("bits/dim" or "nats"), "split",
@@ -197,9 +232,12 @@ def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
   sde, _, score_fn, step = train.restore_for_inference(config, workdir, step=step, devices=devices)
   train_ds, test_ds = datasets.get_dataset(config, evaluation=True, uniform_dequantization=False)
   ds = train_ds if split == "train" else test_ds
-  fn = jax.jit(_likelihood_fn(config, sde, ds.eight_bit), out_shardings=parallel.batch_sharding(mesh))
+  e = config.eval
+  fn = _program(("likelihood", repr(sde), e.divergence, e.rtol, e.atol, e.eps, config.data.centered, ds.eight_bit,
+                 mesh), lambda: jax.jit(_likelihood_fn(config, sde, ds.eight_bit),
+                                        out_shardings=parallel.batch_sharding(mesh)))
   unit = "bits/dim" if ds.eight_bit else "nats"
-  key = _key(config, _LIKELIHOOD)
+  key = _key(config, _LIKELIHOOD) if key is None else key
   total = min(ds.num_examples, max_examples) if max_examples else ds.num_examples
   progress, values, labels, points = _Progress(f"likelihood ({split})", total, "examples"), [], [], []
   for j, batch in enumerate(ds.make_iterator()):
@@ -219,7 +257,7 @@ def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
   exact_mean = None
   if ds.density is not None:
     exact_mean = float(np.mean(np.asarray(ds.density.log_prob(jnp.asarray(np.concatenate(points)[:total])))))
-  npz = epath.Path(out_dir) / f"likelihood_{split}_{step}.npz"
+  npz = epath.Path(out_dir) / (name or f"likelihood_{split}_{step}.npz")
   _write_npz(npz, values=values, labels=labels)
   logging.info("likelihood of %d %s examples at step %d: %.5f +- %.5f %s%s; %s", len(values), split, step, mean,
                sem, unit, "" if exact_mean is None else f" (exact density: {exact_mean:.5f} nats)", npz)
@@ -244,13 +282,17 @@ def eval_loss(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, 
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
   sde, model, score_fn, step = train.restore_for_inference(config, workdir, step=step, devices=devices)
   t = config.training
-  build_score_fn = wrapper.get_score_fn_builder(sde, model, continuous=t.continuous)
-  loss_fn = losses.get_loss_fn(sde, build_score_fn, train=False, continuous=t.continuous,
-                               reduce_mean=t.reduce_mean, likelihood_weighting=t.likelihood_weighting,
-                               importance_weighting=t.importance_weighting, eps=t.eps)
-  scaler = datasets.get_data_scaler(config.data.centered)
-  per_example = jax.jit(lambda key, params, x: loss_fn(key, params, scaler(x))[1]["per_example"],
-                        out_shardings=parallel.batch_sharding(mesh))
+
+  def build():
+    build_score_fn = wrapper.get_score_fn_builder(sde, model, continuous=t.continuous)
+    loss_fn = losses.get_loss_fn(sde, build_score_fn, train=False, continuous=t.continuous,
+                                 reduce_mean=t.reduce_mean, likelihood_weighting=t.likelihood_weighting,
+                                 importance_weighting=t.importance_weighting, eps=t.eps)
+    scaler = datasets.get_data_scaler(config.data.centered)
+    return jax.jit(lambda key, params, x: loss_fn(key, params, scaler(x))[1]["per_example"],
+                   out_shardings=parallel.batch_sharding(mesh))
+
+  per_example = _program(("loss", repr(sde), model, t.to_json(), config.data.centered, mesh), build)
   train_ds, test_ds = datasets.get_dataset(config, evaluation=True)
   ds = train_ds if split == "train" else test_ds
   key, params = _key(config, _LOSS), score_fn.variables["params"]
@@ -265,24 +307,128 @@ def eval_loss(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, 
   return {"loss": mean, "sem": sem, "num_examples": len(values), "split": split, "step": step}
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, out_dir: str | epath.PathLike, *,
-             step: int | None = None, devices: list[jax.Device] | None = None) -> dict[str, Any]:
-  """The eval loss (``eval.enable_loss``) and the likelihood (``eval.enable_bpd``, always for 2-D data).
+def _wait_for_step(workdir: epath.Path, step: int, timeout: float) -> None:
+  """Returns once ``workdir`` holds a checkpoint of ``step``; raises TimeoutError after ``timeout`` s."""
+  deadline = time.time() + timeout
+  while step not in checkpoints.list_steps(workdir):
+    remaining = deadline - time.time()
+    if remaining <= 0:
+      raise TimeoutError(f"No checkpoint of step {step} appeared in {workdir} within {timeout:.0f} s; raise "
+                         f"--config.eval.wait_timeout, or lower --config.eval.end_ckpt.")
+    logging.info("waiting for the checkpoint of step %d (%.0f s left)", step, remaining)
+    time.sleep(min(10.0, remaining))
 
-  Writes ``out_dir/eval_<step>.json`` with the results (without per-example arrays).
+
+def _checkpoint_list(config: ml_collections.ConfigDict, workdir: epath.Path) -> list[int]:
+  """Checkpoint numbers n of the evaluation: begin_ckpt..end_ckpt, or every regular one present (end_ckpt=0)."""
+  e, freq = config.eval, config.training.snapshot_freq
+  if e.end_ckpt:
+    if e.end_ckpt < e.begin_ckpt:
+      raise ValueError(f"eval.end_ckpt={e.end_ckpt} is before eval.begin_ckpt={e.begin_ckpt}.")
+    return list(range(e.begin_ckpt, e.end_ckpt + 1))
+  present = [s // freq for s in checkpoints.list_steps(workdir) if s % freq == 0 and s // freq >= e.begin_ckpt]
+  if not present:
+    raise FileNotFoundError(f"No regular checkpoint (a step multiple of training.snapshot_freq={freq}) from "
+                            f"eval.begin_ckpt={e.begin_ckpt} on in {workdir}; train first, or set eval.end_ckpt "
+                            f"and eval.wait_timeout to wait for a running training.")
+  return present
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, out_dir: str | epath.PathLike, *,
+             devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """Evaluates checkpoints ``eval.begin_ckpt..end_ckpt`` of a training run, resumably.
+
+  For checkpoint n (step n ``training.snapshot_freq``), each as enabled: the eval loss over the
+  whole test split (``eval.enable_loss``); the likelihood of every example of
+  ``eval.bpd_dataset`` in ``eval.bpd_repeats`` passes with fresh dequantisation noise
+  (``eval.enable_bpd``; always for 2-D data); ``eval.num_samples`` samples of the configured
+  sampler with FID, KID and Inception score against ``eval.fid_stats_path`` (``eval.enable_sampling``).
+  Checkpoints not written yet are waited for (``eval.wait_timeout``), so this can run beside training.
+
+  Progress is kept in ``out_dir/ckpt_<n>/`` (the loss, each bits/dim pass, each sampling round), so a
+  killed evaluation resumes without recomputing finished parts; a finished checkpoint's results are
+  ``out_dir/ckpt_<n>.npz``; ``out_dir/summary.json`` and ``summary.csv`` hold one row per checkpoint,
+  and TensorBoard scalars go to ``out_dir/tensorboard``.
+
+  Returns:
+    {"rows": [per-checkpoint result dicts], "json": path, "csv": path}.
+
+  Raises:
+    FileNotFoundError: for missing Inception weights or reference statistics, before anything runs.
   """
-  results: dict[str, Any] = {}
-  if config.eval.enable_loss:
-    results["loss"] = eval_loss(config, workdir, step=step, devices=devices)
-  if config.eval.enable_bpd or train.example_shape(config) == (2,):
-    lik = likelihood(config, workdir, out_dir, step=step, devices=devices)
-    results["likelihood"] = {k: v for k, v in lik.items() if k != "values"}
-  if not results:
-    raise ValueError("Nothing to evaluate: set --config.eval.enable_loss=True or --config.eval.enable_bpd=True.")
-  step = next(iter(results.values()))["step"]
-  path = epath.Path(out_dir) / f"eval_{step}.json"
-  if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-  results["json"] = str(path)
-  return results
+  import tensorboardX  # pylint: disable=g-import-not-at-top
+  from score_sde import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from score_sde import sample_quality  # pylint: disable=g-import-not-at-top
+  e = config.eval
+  workdir, out_dir = epath.Path(workdir), epath.Path(out_dir)
+  mesh = parallel.make_mesh(devices)
+  is_host0 = jax.process_index() == 0
+  feature_fn = reference = None
+  if e.enable_sampling:  # fail now, not after hours of sampling
+    feature_fn = sample_quality.get_feature_fn(config, mesh)
+    reference = metrics_lib.load_reference_stats(e.fid_stats_path)
+  with_likelihood = e.enable_bpd or train.example_shape(config) == (2,)
+  if not (e.enable_loss or with_likelihood or e.enable_sampling):
+    raise ValueError("Nothing to evaluate: enable eval.enable_loss, eval.enable_bpd or eval.enable_sampling.")
+  writer = tensorboardX.SummaryWriter(str(out_dir / "tensorboard")) if is_host0 else None
+  rows = []
+  try:
+    for n in _checkpoint_list(config, workdir):
+      step = n * config.training.snapshot_freq
+      final = out_dir / f"ckpt_{n}.json"
+      if final.exists():
+        rows.append(json.loads(final.read_text()))
+        logging.info("checkpoint %d (step %d) was evaluated before: %s", n, step, final)
+        continue
+      _wait_for_step(workdir, step, e.wait_timeout)
+      part = out_dir / f"ckpt_{n}"
+      if is_host0:
+        part.mkdir(parents=True, exist_ok=True)
+      row: dict[str, Any] = {"ckpt": n, "step": step}
+      if e.enable_loss:
+        path = part / "loss.json"
+        if not path.exists():
+          loss = eval_loss(config, workdir, step=step, devices=devices)
+          if is_host0:
+            path.write_text(json.dumps({"loss": loss["loss"], "sem": loss["sem"]}))
+        row["eval_loss"] = json.loads(path.read_text())["loss"]
+      if with_likelihood:
+        values = []
+        for r in range(e.bpd_repeats):
+          name = f"ckpt_{n}/likelihood_{r}.npz"
+          if not (out_dir / name).exists():
+            key = jax.random.fold_in(jax.random.fold_in(_key(config, _LIKELIHOOD), step), r)
+            likelihood(config, workdir, out_dir, step=step, key=key, name=name, devices=devices)
+          with (out_dir / name).open("rb") as f, np.load(f) as data:
+            values.append(data["values"])
+        unit = "bpd" if train.example_shape(config) != (2,) else "logp_nats"
+        row[unit], row[f"{unit}_sem"] = _mean_and_sem(np.concatenate(values))
+      if e.enable_sampling:
+        sde, _, score_fn, _ = train.restore_for_inference(config, workdir, step=step, devices=devices)
+        run = _sample_program(config, sde, mesh, quantised=True)
+        key = jax.random.fold_in(_key(config, _SAMPLE), step)
+        out = sample_quality.sample_features(config, lambda k, fn, first: run(k, fn, first)[0], score_fn, key, mesh,
+                                             part / "samples", feature_fn)
+        row.update(metrics_lib.compute_metrics(out["pool3"], out["logits"], reference, kid_subsets=e.kid_subsets,
+                                               kid_subset_size=min(e.kid_subset_size, len(out["pool3"])),
+                                               seed=config.seed))
+        if is_host0:
+          visualize.save_image_grid(part / "samples.png", out["samples"][:64] / 255.0)
+      row = {k: float(v) if isinstance(v, (np.floating, float)) else v for k, v in row.items()}
+      if is_host0:
+        final.write_text(json.dumps(row, indent=2) + "\n")
+        for k, v in row.items():
+          if k not in ("ckpt", "step"):
+            writer.add_scalar(f"eval/{k}", v, step)
+      rows.append(row)
+      logging.info("checkpoint %d (step %d): %s", n, step, row)
+  finally:
+    if writer is not None:
+      writer.close()
+  paths = {"json": str(out_dir / "summary.json"), "csv": str(out_dir / "summary.csv")}
+  if is_host0:
+    (out_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = [",".join(columns)] + [",".join(str(row.get(c, "")) for c in columns) for row in rows]
+    (out_dir / "summary.csv").write_text("\n".join(lines) + "\n")
+  return {"rows": rows, **paths}

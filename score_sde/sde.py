@@ -195,6 +195,15 @@ class SDE(abc.ABC):
     fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if isinstance(v, (int, float, str)))
     return f"{type(self).__name__}({fields})"
 
+  # Value semantics: an SDE is its class and parameters (its tables derive from them), so two SDEs
+  # built from the same config are interchangeable, e.g. as static parts of a compiled program's
+  # arguments (a score function restored twice reuses the compilation).
+  def __eq__(self, other):
+    return type(self) is type(other) and repr(self) == repr(other)
+
+  def __hash__(self):
+    return hash(repr(self))
+
 
 @dataclasses.dataclass(frozen=True)
 class ReverseSDE:
