@@ -101,9 +101,9 @@ def main():
       print(f"\n## D={dim}, {name.upper()} (batch {args.batch}; reference: {ref_nfe} NFE, mean -log p0 "
             f"{ref_nll:.4f} nats; {time.time() - t0:.0f} s)")
       for measure, index, fmt in (("dist", 0, "{:9.2e}"), ("gap", 1, "{:+9.1e}")):
-        print(f"{measure:22s}" + "".join(f"{n:>10d}" for n in nfes))
+        print(f"{measure:26s}" + "".join(f"{n:>10d}" for n in nfes))
         for label, values in rows.items():
-          print(f"  {label:20s}" + "".join(" " + fmt.format(v[index]) for v in values))
+          print(f"  {label:24s}" + "".join(" " + fmt.format(v[index]) for v in values))
       at10 = nfes.index(10) if 10 in nfes else None
       if at10 is not None:
         det = {k: v[at10] for k, v in rows.items() if k not in STOCHASTIC}
