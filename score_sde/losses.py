@@ -44,6 +44,8 @@ import optax
 from flax import struct
 
 from score_sde import sde as sde_lib
+from score_sde.models import edm as edm_lib
+from score_sde.sampling import noise_levels
 
 Array = jax.Array
 Params = Any  # A pytree of arrays.
@@ -393,8 +395,6 @@ def get_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, tra
 
 # --- EDM training loss ---------------------------------------------------------------------------------
 # (Imports of this section only; kept here so that the section is self-contained.)
-from score_sde.models import edm as edm_lib  # noqa: E402
-from score_sde.sampling import noise_levels  # noqa: E402
 
 
 def get_edm_loss_fn(sde: sde_lib.SDE, build_score_fn: ScoreFnBuilder, *, train: bool,
