@@ -394,7 +394,6 @@ def get_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, tra
 
 
 # --- EDM training loss ---------------------------------------------------------------------------------
-# (Imports of this section only; kept here so that the section is self-contained.)
 
 
 def get_edm_loss_fn(sde: sde_lib.SDE, build_score_fn: ScoreFnBuilder, *, train: bool,
