@@ -15,7 +15,7 @@ import pytest
 
 from configs import default
 from score_sde import models
-from score_sde.models import ddpm, ncsnpp, ncsnv2, wrapper
+from score_sde.models import ddpm, ncsnpp, ncsnv2, unet, wrapper
 
 SHAPE = (2, 8, 8, 3)
 LABELS = jnp.asarray([0.3, 2.0])  # positive: valid continuous labels for Fourier and sinusoidal embeddings
@@ -29,6 +29,7 @@ NETWORKS = {
     "ncsnpp": functools.partial(ncsnpp.NCSNpp, nf=8, ch_mult=(1, 2), num_res_blocks=0, attn_resolutions=(4,),
                                 init_scale=0.5, scale_by_sigma=True),
     "ddpm": functools.partial(ddpm.DDPM, nf=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(4,)),
+    "unet": functools.partial(unet.UNet, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)),
 }
 BF16_RELATIVE_ERROR = 2.0**-4
 
@@ -109,14 +110,33 @@ def test_bfloat16_computes_in_bfloat16_and_returns_float32(name):
   variables = _variables(plain)
   x = jax.random.uniform(jax.random.key(1), SHAPE)
   # Every convolution and matrix product of the bfloat16 network takes bfloat16 operands.
-  jaxpr = jax.make_jaxpr(lambda v, x: half.apply(v, x, LABELS))(variables, x)
-  products = [eqn for eqn in _equations(jaxpr.jaxpr) if eqn.primitive.name in ("conv_general_dilated", "dot_general")]
-  assert products and all(v.aval.dtype == jnp.bfloat16 for eqn in products for v in eqn.invars)
+  assert _bfloat16_products(half, variables, x) and not _bfloat16_products(plain, variables, x)
   out, out_half = map(np.asarray, _run(lambda v, x: (plain.apply(v, x, LABELS), half.apply(v, x, LABELS)),
                                        variables, x))
   assert out_half.dtype == np.float32 and out_half.shape == SHAPE
   error = np.linalg.norm(out_half - out) / np.linalg.norm(out)
   assert 0 < error < BF16_RELATIVE_ERROR, error
+
+
+def _bfloat16_products(model, variables, x):
+  """True if every convolution and matrix product of ``model.apply`` takes bfloat16 operands."""
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, LABELS))(variables, x)
+  products = [eqn for eqn in _equations(jaxpr.jaxpr) if eqn.primitive.name in ("conv_general_dilated", "dot_general")]
+  return bool(products) and all(v.aval.dtype == jnp.bfloat16 for eqn in products for v in eqn.invars)
+
+
+def test_unet_options_change_the_program_not_the_output_type():
+  plain = NETWORKS["unet"]()
+  variables = _abstract_variables(plain)
+  x = jax.ShapeDtypeStruct(SHAPE, jnp.float32)
+  for model in (plain, NETWORKS["unet"](remat=True), NETWORKS["unet"](dtype="bfloat16")):
+    out = jax.eval_shape(lambda v, x, m=model: m.apply(v, x, LABELS), variables, x)
+    assert (out.shape, out.dtype) == (SHAPE, jnp.float32)
+  assert _bfloat16_products(NETWORKS["unet"](dtype="bfloat16"), variables, x)
+  assert not _bfloat16_products(plain, variables, x)
+  # 8 residual blocks (2 down, 2 middle, 4 up) and 4 attention blocks (1 down, 1 middle, 2 up at 4 px).
+  remat = NETWORKS["unet"](remat=True)
+  assert (_checkpointed_calls(plain, variables, x), _checkpointed_calls(remat, variables, x)) == (0, 8 + 4)
 
 
 def _equations(jaxpr):
