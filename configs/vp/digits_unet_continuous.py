@@ -12,7 +12,7 @@ def get_config():
   training.reduce_mean = True
   training.batch_size = 128
   training.n_iters = 3000
-  training.n_jitted_steps = 5
+  training.n_jitted_steps = 1   # on CPU, convolutions inside a scan of several steps run ~15x slower
   training.log_freq = 100
   training.eval_freq = 500
   training.snapshot_freq = 1000
