@@ -25,6 +25,7 @@ next saves). If no step restores, nothing is moved and the error names each step
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -41,6 +42,12 @@ REGULAR_DIR = "checkpoints"
 PREEMPTION_DIR = "checkpoints-meta"
 DAMAGED_DIR = "checkpoints-damaged"
 _SERIES = (REGULAR_DIR, PREEMPTION_DIR)
+
+
+def absolute(workdir: str | os.PathLike) -> epath.Path:
+  """``workdir`` as an absolute path (Orbax refuses relative ones); URLs such as ``gs://...`` stay as they are."""
+  text = os.fspath(workdir)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def _manager(directory: epath.Path, keep: int | None, writer: bool = True) -> ocp.CheckpointManager:
@@ -112,7 +119,7 @@ class Checkpointer:
         raise ValueError(f"{name} must be a positive number of steps, got {value}.")
     if int(keep) != keep or keep < 0:
       raise ValueError(f"keep (training.keep_checkpoints) must be a non-negative integer (0: keep all), got {keep}.")
-    self.workdir = epath.Path(workdir)
+    self.workdir = absolute(workdir)
     self.snapshot_freq, self.preemption_freq = int(snapshot_freq), int(preemption_freq)
     self._managers = {REGULAR_DIR: _manager(self.workdir / REGULAR_DIR, int(keep) or None),
                       PREEMPTION_DIR: _manager(self.workdir / PREEMPTION_DIR, 1)}
@@ -207,7 +214,7 @@ class Checkpointer:
 
 def list_steps(workdir: str | epath.PathLike) -> list[int]:
   """Every checkpointed step of ``workdir`` (both series), ascending; [] when there is none."""
-  workdir = epath.Path(workdir)
+  workdir = absolute(workdir)
   steps = set()
   for series in _SERIES:
     if (workdir / series).exists():
@@ -234,7 +241,7 @@ def restore_ema_params(workdir: str | epath.PathLike, abstract_params: PyTree, *
     FileNotFoundError: when ``workdir`` holds no checkpoint.
     ValueError: when ``step`` does not exist, or no checkpoint restores.
   """
-  workdir = epath.Path(workdir)
+  workdir = absolute(workdir)
   managers = {series: _manager(workdir / series, None, writer=False)
               for series in _SERIES if (workdir / series).exists()}
   make_args = lambda: ocp.args.Composite(state=ocp.args.PyTreeRestore(

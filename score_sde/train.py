@@ -312,7 +312,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
     logging.warning("training.n_iters=%d is not a multiple of n_jitted_steps=%d; training stops at step %d.",
                     t.n_iters, k, last_step)
   is_host0 = jax.process_index() == 0
-  workdir = epath.Path(workdir)
+  workdir = checkpoints.absolute(workdir)
 
   # Workdir: the resolved config, TensorBoard (process 0) and the checkpoint series.
   if is_host0:
@@ -527,7 +527,7 @@ def import_checkpoint(config: ml_collections.ConfigDict, workdir: str | epath.Pa
       weights that do not fit the config's network.
   """
   from score_sde import convert  # pylint: disable=g-import-not-at-top  (only this mode needs it)
-  workdir = epath.Path(workdir)
+  workdir = checkpoints.absolute(workdir)
   existing = checkpoints.list_steps(workdir)
   if existing:
     raise ValueError(f"{workdir} already holds checkpoints (steps {existing}); import into an empty workdir.")

@@ -307,3 +307,11 @@ def test_snapshot_sampler_takes_its_options_from_the_config(method):
   assert callable(sampler)
   with pytest.raises(ValueError, match=r"sampling\.method in \['ode', 'pc'\]"):
     train.build_sampler(toy_config(**{"sampling.method": "ddim"}), train.build_sde(config), (4, 2))
+
+
+def test_a_relative_workdir_works(straight, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  result = train.train(toy_config(), "runs/relative")
+  assert result["workdir"] == str(tmp_path / "runs" / "relative")
+  assert checkpoints.list_steps("runs/relative") == [4, 6, 8]
+  assert_bitwise_equal(result["state"], straight["state"])
