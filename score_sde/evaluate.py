@@ -203,7 +203,7 @@ def _likelihood_fn(config: ml_collections.ConfigDict, sde, eight_bit: bool) -> C
 
 def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, out_dir: str | epath.PathLike,
                *, split: str | None = None, max_examples: int | None = None, step: int | None = None,
-               key: Array | None = None, name: str | None = None,
+               key: Array | None = None, name: str | None = None, restored: tuple | None = None,
                devices: list[jax.Device] | None = None) -> dict[str, Any]:
   """The PF-ODE likelihood of every example of a split (``config.eval.bpd_dataset`` by default).
 
@@ -217,6 +217,7 @@ def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
       whole split).
     key: the base key of the pass (default: from ``config.seed``).
     name: the output file's name (default ``likelihood_<split>_<step>.npz``).
+    restored: ``train.restore_for_inference``'s result for ``step``, if the caller has it already.
 
   Returns:
     {"values": (N,), "mean", "sem" (standard error), "unit" ("bits/dim" or "nats"), "split",
@@ -229,7 +230,8 @@ def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
   max_examples = config.eval.likelihood_examples if max_examples is None else max_examples
   if split not in ("train", "test"):
     raise ValueError(f"Unknown split {split!r}; set --config.eval.bpd_dataset to 'train' or 'test'.")
-  sde, _, score_fn, step = train.restore_for_inference(config, workdir, step=step, devices=devices)
+  restored = restored or train.restore_for_inference(config, workdir, step=step, devices=devices)
+  sde, _, score_fn, step = restored
   train_ds, test_ds = datasets.get_dataset(config, evaluation=True, uniform_dequantization=False)
   ds = train_ds if split == "train" else test_ds
   e = config.eval
@@ -269,18 +271,22 @@ def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
 
 
 def eval_loss(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *, split: str = "test",
-              step: int | None = None, devices: list[jax.Device] | None = None) -> dict[str, Any]:
+              step: int | None = None, restored: tuple | None = None,
+              devices: list[jax.Device] | None = None) -> dict[str, Any]:
   """The training objective of the EMA network over every example of ``split``.
 
   Each example's time and noise are drawn from ``fold_in(key, batch index)``; padding is masked
   out, so the value is the mean over exactly the split's examples.
+
+  ``restored`` is ``train.restore_for_inference``'s result for ``step``, if the caller has it.
 
   Returns:
     {"loss": mean per-example loss, "sem": its standard error, "num_examples", "split", "step"}.
   """
   mesh = parallel.make_mesh(devices)
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
-  sde, model, score_fn, step = train.restore_for_inference(config, workdir, step=step, devices=devices)
+  restored = restored or train.restore_for_inference(config, workdir, step=step, devices=devices)
+  sde, model, score_fn, step = restored
   t = config.training
 
   def build():
@@ -324,7 +330,8 @@ def _checkpoint_list(config: ml_collections.ConfigDict, workdir: epath.Path) -> 
   e, freq = config.eval, config.training.snapshot_freq
   if e.end_ckpt:
     if e.end_ckpt < e.begin_ckpt:
-      raise ValueError(f"eval.end_ckpt={e.end_ckpt} is before eval.begin_ckpt={e.begin_ckpt}.")
+      raise ValueError(f"eval.end_ckpt={e.end_ckpt} is before eval.begin_ckpt={e.begin_ckpt}; set "
+                       f"--config.eval.end_ckpt to {e.begin_ckpt} or more, or to 0 for every checkpoint present.")
     return list(range(e.begin_ckpt, e.end_ckpt + 1))
   present = [s // freq for s in checkpoints.list_steps(workdir) if s % freq == 0 and s // freq >= e.begin_ckpt]
   if not present:
@@ -385,10 +392,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, o
       if is_host0:
         part.mkdir(parents=True, exist_ok=True)
       row: dict[str, Any] = {"ckpt": n, "step": step}
+      cache: dict[str, tuple] = {}
+
+      def restored() -> tuple:  # the checkpoint is read once, by the first part that needs it
+        if "ema" not in cache:
+          cache["ema"] = train.restore_for_inference(config, workdir, step=step, devices=devices)
+        return cache["ema"]
+
       if e.enable_loss:
         path = part / "loss.json"
         if not path.exists():
-          loss = eval_loss(config, workdir, step=step, devices=devices)
+          loss = eval_loss(config, workdir, step=step, restored=restored(), devices=devices)
           if is_host0:
             path.write_text(json.dumps({"loss": loss["loss"], "sem": loss["sem"]}))
         row["eval_loss"] = json.loads(path.read_text())["loss"]
@@ -398,13 +412,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, o
           name = f"ckpt_{n}/likelihood_{r}.npz"
           if not (out_dir / name).exists():
             key = jax.random.fold_in(jax.random.fold_in(_key(config, _LIKELIHOOD), step), r)
-            likelihood(config, workdir, out_dir, step=step, key=key, name=name, devices=devices)
+            likelihood(config, workdir, out_dir, step=step, key=key, name=name, restored=restored(),
+                       devices=devices)
           with (out_dir / name).open("rb") as f, np.load(f) as data:
             values.append(data["values"])
         unit = "bpd" if train.example_shape(config) != (2,) else "logp_nats"
         row[unit], row[f"{unit}_sem"] = _mean_and_sem(np.concatenate(values))
       if e.enable_sampling:
-        sde, _, score_fn, _ = train.restore_for_inference(config, workdir, step=step, devices=devices)
+        sde, _, score_fn, _ = restored()
         run = _sample_program(config, sde, mesh, quantised=True)
         key = jax.random.fold_in(_key(config, _SAMPLE), step)
         out = sample_quality.sample_features(config, lambda k, fn, first: run(k, fn, first)[0], score_fn, key, mesh,
