@@ -143,4 +143,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
   optim.warmup = 5000
   optim.grad_clip = 1.0
 
+  # Scale-out and fault tolerance (training.*; README "Launching on many devices and hosts").
+  training.fsdp = 1                         # parameter sharding: mesh (devices / fsdp, fsdp); 1 = pure data parallel
+  training.nonfinite = "stop"               # non-finite loss or gradient: stop | skip (drop that update)
+  training.max_skipped = 100                # with skip: stop after more than this many skipped steps in a row
+
   return config

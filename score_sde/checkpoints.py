@@ -5,6 +5,9 @@
     ckpt.save(step, state, host_state)                 # asynchronous; a no-op off the two schedules
     ckpt.close()                                       # waits for the saves in flight
 
+Every process of a multi-host run makes the same calls: each writes its shards of the arrays,
+process 0 the JSON item and the directory renames (Orbax's primary host).
+
 Layout (as in the original). ``workdir/checkpoints/<step>`` holds the regular series, saved every
 ``snapshot_freq`` steps (and on ``force``) and kept by ``keep`` (0 keeps every one);
 ``workdir/checkpoints-meta/<step>`` holds the frequent preemption checkpoint, saved every
@@ -20,7 +23,11 @@ down: a step that fails to restore (truncated or missing files, unreadable metad
 with a warning, and once an older step restores, the failed newer steps are moved to
 ``workdir/checkpoints-damaged/`` (kept for inspection, and out of the way of the resumed run's
 next saves). If no step restores, nothing is moved and the error names each step's failure
-(usually a config that changed the shapes of the train state).
+(usually a config that changed the shapes of the train state). A save that fails (a full disk, an
+unwritable directory) raises ``OSError`` naming the step, its directory and what to do; the steps
+saved before it stay as they were, and a restart resumes from the newest of them. The arrays
+restore onto whatever shardings the abstract state names, so a run checkpointed with one mesh (or
+``training.fsdp``) resumes on another.
 """
 
 from __future__ import annotations
@@ -123,6 +130,25 @@ class Checkpointer:
     self.snapshot_freq, self.preemption_freq = int(snapshot_freq), int(preemption_freq)
     self._managers = {REGULAR_DIR: _manager(self.workdir / REGULAR_DIR, int(keep) or None),
                       PREEMPTION_DIR: _manager(self.workdir / PREEMPTION_DIR, 1)}
+    self._in_flight: dict[str, int] = {}  # series -> the step of its newest save started
+
+  def directory_of(self, step: int) -> epath.Path:
+    """The directory of ``step`` (in the series that saved it; the regular one when it is in neither)."""
+    for series in _SERIES:
+      if step in self._managers[series].all_steps():
+        return self.workdir / series / str(step)
+    return self.workdir / REGULAR_DIR / str(step)
+
+  def _save_error(self, series: str, step: int | None, error: Exception) -> OSError:
+    """The error of a failed save: which step, where, what is left, and what to do."""
+    directory = self.workdir / series
+    what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+    return OSError(
+        f"Saving {what} to {directory} failed ({type(error).__name__}: {str(error)[:300]}). The checkpoints "
+        f"saved before it are untouched (steps {list_steps(self.workdir)}), and the run stops rather than "
+        f"train on without checkpoints. Free space on that file system or make {directory} writable (or "
+        f"move the run to a --workdir that is), then run the same command again: training resumes from the "
+        f"newest of those checkpoints.")
 
   def latest_step(self) -> int | None:
     """The newest step of either series (not checked for damage), or None."""
@@ -157,7 +183,13 @@ class Checkpointer:
     if step in self._managers[series].all_steps():
       return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state))
-    return self._managers[series].save(step, args=args, force=True)
+    try:  # also reports a failure of the previous, asynchronous save of this series
+      started = self._managers[series].save(step, args=args, force=True)
+    except Exception as e:  # pylint: disable=broad-except  (Orbax and TensorStore raise many types)
+      raise self._save_error(series, self._in_flight.get(series, step), e) from e
+    if started:
+      self._in_flight[series] = step
+    return started
 
   def restore_latest(self, abstract_state: PyTree) -> tuple[PyTree, HostState, int] | None:
     """Restores the newest usable step of either series into ``abstract_state``'s shardings.
@@ -197,19 +229,33 @@ class Checkpointer:
     ocp.multihost.sync_global_processes(f"score_sde_quarantine_{series}_{step}")
     manager.reload()
 
-  def reached_preemption(self, step: int) -> bool:
-    """Whether the cluster announced a preemption (multi-host runs under ``jax.distributed``)."""
-    return self._managers[REGULAR_DIR].reached_preemption(step)
-
   def wait(self) -> None:
-    """Blocks until every save in flight is written."""
-    for manager in self._managers.values():
-      manager.wait_until_finished()
+    """Blocks until every save in flight is written.
+
+    Raises:
+      OSError: when a save failed (see ``_save_error``).
+    """
+    for series, manager in self._managers.items():
+      try:
+        manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        raise self._save_error(series, self._in_flight.get(series), e) from e
 
   def close(self) -> None:
-    """Waits for the saves in flight, then releases the managers."""
-    for manager in self._managers.values():
-      manager.close()
+    """Waits for the saves in flight, then releases the managers (all of them, even after a failure).
+
+    Raises:
+      OSError: when a save failed.
+    """
+    failure = None
+    for series, manager in self._managers.items():
+      try:
+        manager.close()
+      except Exception as e:  # pylint: disable=broad-except
+        failure = failure or (series, e)
+    if failure is not None:
+      series, e = failure
+      raise self._save_error(series, self._in_flight.get(series), e) from e
 
 
 def list_steps(workdir: str | epath.PathLike) -> list[int]:

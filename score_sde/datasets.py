@@ -15,8 +15,9 @@ n_jitted_steps > 1, else ``(per_host_batch,)``; per_host_batch = global batch / 
 
 Two regimes. *Training* (``training=True``) is an infinite stream: each epoch a seeded global
 permutation of the split, ``random_flip`` and uniform dequantisation drawn per example and epoch
-from the seed, and host h of P taking positions h, h + P, ... of that stream. Global batch k is
-therefore the same set of examples whatever the number of hosts, and resuming is exact.
+from the seed, and host h of P taking the h-th block of global_batch / P positions of each batch
+of that stream. Global batch k, assembled host after host (``parallel.shard_batch``), is therefore
+the same array whatever the number of hosts, and resuming is exact.
 *Evaluation* (``training=False``) is one ordered pass: host h reads examples h, h + P, ... and pads
 its last batch with ``mask=False`` examples so that every host yields ``num_batches`` full
 batches (same shapes for sharding); the masked-in examples of all hosts are every example of the
@@ -500,8 +501,7 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class _Batches:
   """Element k of a pipeline: ``n_jitted_steps`` batches of ``per_host`` examples, read and augmented.
-
-  Training: host h's batch i holds the global stream positions i B + h + P j (j < B / P), where
+  Training: host h's batch i holds the global stream positions i B + h B / P + j (j < B / P), where
   position p is example perm_e[p mod N] of epoch e = p div N. Evaluation: host h's batch i holds its
   shard's positions i b + j, i.e. examples h + P (i b + j), padding past the end of the split.
   """
@@ -524,7 +524,7 @@ class _Batches:
     step = k * self.n_jitted_steps + np.arange(self.n_jitted_steps)[:, None]
     j = np.arange(self.per_host)[None, :]
     if self.training:
-      epoch, offset = np.divmod(step * self.per_host * p + h + p * j, n)
+      epoch, offset = np.divmod((step * p + h) * self.per_host + j, n)
       ids = np.empty_like(offset)
       for e in np.unique(epoch):
         ids[epoch == e] = _permutation(self.shuffle_seed, int(e), n)[offset[epoch == e]]

@@ -336,8 +336,12 @@ def ema_decay(ema_rate: float, num_updates: Array, warmup: bool = False) -> Arra
   return jnp.minimum(ema_rate, (1.0 + n) / (10.0 + n))
 
 
+NONFINITE_POLICIES = ("stop", "skip")
+
+
 def get_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, train: bool,
-                ema_rate: float = 0.999, ema_warmup: bool = False, n_jitted_steps: int = 1) -> StepFn:
+                ema_rate: float = 0.999, ema_warmup: bool = False, n_jitted_steps: int = 1,
+                nonfinite: str = "stop") -> StepFn:
   """A pure train (or eval) step, ``step_fn(base_key, state, batch) -> (new_state, metrics)``.
 
   The key of the j-th batch of a call is ``fold_in(base_key, state.step + j)``: in training that is
@@ -347,8 +351,11 @@ def get_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, tra
   (``train=False``) computes the loss on ``state.ema_params`` and returns the state unchanged; use
   a different ``base_key`` from training's.
 
-  Jit it with the state donated, ``jax.jit(step_fn, donate_argnums=1)``. Non-finite losses are the
-  caller's to check (``metrics["loss"]``).
+  Jit it with the state donated, ``jax.jit(step_fn, donate_argnums=1)``. With ``nonfinite="stop"``
+  non-finite losses are the caller's to check (``metrics["loss"]``). With ``"skip"``, a step whose
+  loss or gradient norm is not finite keeps the parameters, optimiser state and EMA as they were
+  (the step count still advances, so the next step draws fresh randomness), decided on device,
+  and ``metrics["skipped"]`` is 1 for it (0 otherwise).
 
   Args:
     loss_fn: ``loss_fn(key, params, batch) -> (loss, aux)``.
@@ -358,14 +365,19 @@ def get_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, tra
     ema_warmup: the PyTorch port's decay warm-up (``ema_decay``).
     n_jitted_steps: batches per call. With k > 1 every leaf of ``batch`` has a leading axis of size
       k and the k steps run in one ``lax.scan``; metrics then have a leading axis k.
+    nonfinite: ``"stop"`` (apply every update; the caller stops) or ``"skip"`` (drop non-finite updates).
 
   Returns:
-    ``step_fn``; metrics hold ``loss`` (and ``grad_norm``, before clipping, when training).
+    ``step_fn``; metrics hold ``loss`` (and ``grad_norm``, before clipping, when training, and
+    ``skipped`` with ``nonfinite="skip"``).
   """
   if not 0 <= ema_rate <= 1:
     raise ValueError(f"ema_rate must lie in [0, 1], got {ema_rate}.")
   if n_jitted_steps < 1 or int(n_jitted_steps) != n_jitted_steps:
     raise ValueError(f"n_jitted_steps must be a positive integer, got {n_jitted_steps}.")
+  if nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"Unknown non-finite policy {nonfinite!r}; valid choices: {list(NONFINITE_POLICIES)} "
+                     f"(config.training.nonfinite).")
 
   def one_step(key: Array, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Array]]:
     if not train:
@@ -377,8 +389,16 @@ def get_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, tra
     decay = ema_decay(ema_rate, state.step + 1, ema_warmup)
     ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
     ema_params = jax.tree.map(lambda e, old: e.astype(old.dtype), ema_params, state.ema_params)
+    grad_norm = optax.tree.norm(grads)
+    metrics = {"loss": loss, "grad_norm": grad_norm}
+    if nonfinite == "skip":  # keep the old values where this update is not finite
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+      ema_params = keep(ema_params, state.ema_params)
+      metrics["skipped"] = (~finite).astype(jnp.int32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return new_state, metrics
 
   def step_fn(base_key: Array, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Array]]:
     if n_jitted_steps == 1:

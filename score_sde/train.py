@@ -130,6 +130,9 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   """
   t = config.training
   k = t.n_jitted_steps
+  if t.nonfinite not in losses.NONFINITE_POLICIES:
+    raise ValueError(f"training.nonfinite={t.nonfinite!r} is not one of {list(losses.NONFINITE_POLICIES)}; set "
+                     f"--config.training.nonfinite=stop (stop at a non-finite loss) or skip (drop that update).")
   if int(k) != k or k < 1:
     raise ValueError(f"training.n_jitted_steps must be a positive integer, got {k}.")
   for name in _FREQS:
@@ -163,7 +166,7 @@ def build_step_fns(config: ml_collections.ConfigDict, sde: sde_lib.SDE, model, e
                       importance_weighting=t.importance_weighting, eps=t.eps)
   train_step = losses.get_step_fn(losses.get_loss_fn(sde, build_score_fn, train=True, **loss_options), optimizer,
                                   train=True, ema_rate=config.model.ema_rate, ema_warmup=config.model.ema_warmup,
-                                  n_jitted_steps=t.n_jitted_steps)
+                                  n_jitted_steps=t.n_jitted_steps, nonfinite=t.nonfinite)
   eval_step = losses.get_step_fn(losses.get_loss_fn(sde, build_score_fn, train=False, **loss_options), optimizer,
                                  train=False, n_jitted_steps=t.n_jitted_steps)
   input_shape = (1,) + tuple(example)
@@ -188,42 +191,68 @@ class _MetricWindow:
   """Training metrics since the last log line: device values until ``check``, then host sums.
 
   The sums are part of the checkpoint, so a run resumed between two log lines logs the same means.
+  Steps skipped for a non-finite loss (``training.nonfinite = "skip"``) are counted, not summed;
+  ``consecutive`` is the current run of skipped steps (it carries over log lines and restarts).
   """
 
   sums: dict[str, float] = dataclasses.field(default_factory=dict)
   count: int = 0
+  skipped: int = 0
+  consecutive: int = 0
   pending: list[tuple[int, dict[str, Array]]] = dataclasses.field(default_factory=list)
 
   def add(self, step: int, metrics: dict[str, Array]) -> None:
     """Metrics of the call that ended at ``step`` (leaves () or (n_jitted_steps,)), still on device."""
     self.pending.append((step, metrics))
 
-  def check(self, last_saved: int | None) -> None:
-    """Fetches the pending metrics and adds them up; raises FloatingPointError at a non-finite loss."""
-    fetched = jax.device_get([metrics for _, metrics in self.pending])
-    for (end, _), metrics in zip(self.pending, fetched):
-      loss = np.atleast_1d(metrics["loss"])
-      bad = np.flatnonzero(~np.isfinite(loss))
-      if bad.size:
-        step = end - loss.size + 1 + int(bad[0])
-        saved = f"step {last_saved}" if last_saved is not None else "none yet"
-        raise FloatingPointError(
-            f"Non-finite training loss ({loss[bad[0]]}) at step {step}; the run stops. Nothing after step "
-            f"{step - 1} was saved (newest checkpoint: {saved}). Lower config.optim.lr, raise "
-            f"config.optim.warmup, keep config.optim.grad_clip positive, or check the data; a restart "
-            f"resumes from the newest checkpoint.")
-      for name, value in metrics.items():
-        self.sums[name] = self.sums.get(name, 0.0) + float(np.sum(np.asarray(value, np.float64)))
-      self.count += loss.size
-    self.pending = []
+  def check(self, last_saved: int | None, max_skipped: int) -> int:
+    """Fetches the pending metrics and adds them up, step by step; returns how many steps were skipped.
 
-  def pop_means(self) -> dict[str, float]:
-    means = {name: total / self.count for name, total in self.sums.items()}
-    self.sums, self.count = {}, 0
-    return means
+    Raises:
+      FloatingPointError: at a non-finite loss that was not skipped, or at the step that makes
+        more than ``max_skipped`` skipped steps in a row.
+    """
+    fetched = jax.device_get([metrics for _, metrics in self.pending])
+    skipped_before = self.skipped
+    saved = f"step {last_saved}" if last_saved is not None else "none yet"
+    advice = ("Lower config.optim.lr, raise config.optim.warmup, keep config.optim.grad_clip positive, or check "
+              "the data; a restart resumes from the newest checkpoint.")
+    for (end, _), metrics in zip(self.pending, fetched):
+      metrics = {name: np.atleast_1d(np.asarray(value, np.float64)) for name, value in metrics.items()}
+      size = metrics["loss"].size
+      skipped = metrics.pop("skipped", np.zeros(size))
+      for i in range(size):
+        step = end - size + 1 + i
+        if skipped[i]:
+          self.skipped += 1
+          self.consecutive += 1
+          if self.consecutive > max_skipped:
+            raise FloatingPointError(
+                f"Steps {step - self.consecutive + 1}..{step} all had a non-finite loss or gradient norm and were "
+                f"skipped: more than config.training.max_skipped={max_skipped} in a row, so the run stops "
+                f"(the train state is that of step {step - self.consecutive}; newest checkpoint: {saved}). {advice}")
+          continue
+        if not np.isfinite(metrics["loss"][i]):
+          raise FloatingPointError(
+              f"Non-finite training loss ({metrics['loss'][i]}) at step {step}; the run stops. Nothing after step "
+              f"{step - 1} was saved (newest checkpoint: {saved}). {advice} With "
+              f"--config.training.nonfinite=skip such steps are skipped instead.")
+        self.consecutive = 0
+        for name, value in metrics.items():
+          self.sums[name] = self.sums.get(name, 0.0) + float(value[i])
+        self.count += 1
+    self.pending = []
+    return self.skipped - skipped_before
+
+  def pop_means(self) -> tuple[dict[str, float], int]:
+    """The means over the window's applied steps (NaN when every step was skipped), and the skipped count."""
+    means = {name: total / self.count for name, total in self.sums.items()} if self.count else {}
+    skipped = self.skipped
+    self.sums, self.count, self.skipped = {}, 0, 0
+    return means, skipped
 
   def to_json(self) -> dict[str, Any]:
-    return {"sums": self.sums, "count": self.count}
+    return {"sums": self.sums, "count": self.count, "skipped": self.skipped, "consecutive": self.consecutive}
 
 
 class _Progress:
@@ -305,7 +334,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
   t = config.training
   k = t.n_jitted_steps
   # Mesh, and every check that needs no data and no compilation.
-  mesh = parallel.make_mesh(devices)
+  mesh = parallel.make_mesh(devices, fsdp=t.fsdp)
   check_config(config, mesh)
   last_step = t.n_iters // k * k
   if last_step != t.n_iters:
@@ -323,7 +352,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
     ckpt = checkpoints.Checkpointer(workdir, snapshot_freq=t.snapshot_freq,
                                     preemption_freq=t.snapshot_freq_for_preemption, keep=t.keep_checkpoints)
     try:
-      return _train_loop(config, mesh, workdir, last_step, ckpt, writer)
+      with parallel.PreemptionNotice() as notice:  # SIGTERM: save at the end of the current call, then return
+        return _train_loop(config, mesh, workdir, last_step, ckpt, writer, notice)
     finally:
       ckpt.close()  # waits for the saves in flight
       if writer is not None:
@@ -331,7 +361,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
 
 
 def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: epath.Path, last_step: int,
-                ckpt: checkpoints.Checkpointer, writer: tensorboardX.SummaryWriter | None) -> dict[str, Any]:
+                ckpt: checkpoints.Checkpointer, writer: tensorboardX.SummaryWriter | None,
+                notice: parallel.PreemptionNotice) -> dict[str, Any]:
   """``train`` after its checks: builds, compiles, resumes and runs the loop (see ``train``)."""
   t = config.training
   k = t.n_jitted_steps
@@ -350,20 +381,23 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
   init_key, train_key, eval_key, sample_key = jax.device_put(
       list(jax.random.split(jax.random.key(config.seed), 4)), replicated)
 
-  # Compiled programs: state replicated (and donated to the train step), batches sharded over the mesh.
+  # Compiled programs: state replicated, or split over "fsdp" (and donated to the train step), batches
+  # sharded over the whole mesh.
   batch_axis = 0 if k == 1 else 1  # with k > 1, axis 0 holds the k batches of one call
   batch_sharding = parallel.batch_sharding(mesh, batch_axis)
-  p_init = jax.jit(init_state, out_shardings=replicated)
-  p_train = jax.jit(train_fn, in_shardings=(replicated, replicated, batch_sharding),
-                    out_shardings=(replicated, replicated), donate_argnums=1)
-  p_eval = jax.jit(eval_fn, in_shardings=(replicated, replicated, batch_sharding), out_shardings=replicated)
+  state_shapes = jax.eval_shape(init_state, init_key)
+  state_sharding = parallel.state_sharding(state_shapes, mesh)
+  p_init = jax.jit(init_state, out_shardings=state_sharding)
+  p_train = jax.jit(train_fn, in_shardings=(replicated, state_sharding, batch_sharding),
+                    out_shardings=(state_sharding, replicated), donate_argnums=1)
+  p_eval = jax.jit(eval_fn, in_shardings=(replicated, state_sharding, batch_sharding), out_shardings=replicated)
   snapshot = None
   if t.snapshot_sampling:
     snapshot = _snapshot_fn(config, sde, model, mesh, sample_key, train_ds, eval_ds, inverse_scaler, workdir)
 
   # Resume from the newest usable checkpoint, else initialise.
-  abstract_state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                                jax.eval_shape(init_state, init_key))
+  abstract_state = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                                state_shapes, state_sharding)
   restored = ckpt.restore_latest(abstract_state)
   if restored is None:
     state, host_state, start = p_init(init_key), {}, 0
@@ -379,6 +413,10 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
   eval_it = eval_ds.make_iterator(host_state.get("eval_data"))
   window = _MetricWindow(**host_state.get("window", {}))
   history = {name: [] for name in ("training_loss", "grad_norm", "lr", "eval_loss")}
+  skip = t.nonfinite == "skip"
+  if skip:
+    history["skipped_steps"] = []
+  skipped_total = 0
   progress = _Progress(last_step)
   last_saved, sample_paths, preempted = (start if restored else None), [], False
   host_state_of = lambda: {"train_data": train_ds.iterator_state(train_it),
@@ -399,19 +437,24 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
       first_step, first_done = step, time.perf_counter()
       logging.info("Step %d done, %.1f s after the start (compilation included).", step, first_done - started)
       progress.start(step)
-    preempted = ckpt.reached_preemption(step)
+    preempted = notice.reached(step // k)
     save_due = preempted or step % t.snapshot_freq == 0 or step % t.snapshot_freq_for_preemption == 0
     # Check the losses since the last check before anything is logged or saved.
     if step % t.log_freq == 0 or step % t.eval_freq == 0 or save_due or step == last_step:
-      window.check(last_saved)
+      skipped_total += window.check(last_saved, t.max_skipped)
     # Log: window means, steps per second, ETA.
     if step % t.log_freq == 0 or step == last_step:
-      means = window.pop_means()
+      means, skipped = window.pop_means()
+      loss, grad_norm = means.get("loss", float("nan")), means.get("grad_norm", float("nan"))
       lr = float(lr_schedule(step - 1))
-      for name, value in (("training_loss", means["loss"]), ("grad_norm", means["grad_norm"]), ("lr", lr)):
+      for name, value in (("training_loss", loss), ("grad_norm", grad_norm), ("lr", lr)):
         scalar(name, step, value)
-      logging.info("step %d/%d: training_loss %.5g, grad_norm %.4g, lr %.3g | %s", step, last_step,
-                   means["loss"], means["grad_norm"], lr, progress.line(step))
+      skipped_note = ""
+      if skip:
+        scalar("skipped_steps", step, skipped)
+        skipped_note = f", {skipped} step(s) skipped (non-finite)" if skipped else ""
+      logging.info("step %d/%d: training_loss %.5g, grad_norm %.4g, lr %.3g%s | %s", step, last_step,
+                   loss, grad_norm, lr, skipped_note, progress.line(step))
     # Eval: the EMA's loss on a held-out batch.
     if step % t.eval_freq == 0:
       eval_batch = parallel.shard_batch(next(eval_it)["image"], mesh, batch_axis)
@@ -426,7 +469,9 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
     if snapshot is not None and step % t.snapshot_freq == 0:
       sample_paths.append(snapshot(step, state))
     if preempted:
-      logging.warning("Preemption announced: saved step %d and stopped.", step)
+      ckpt.wait()
+      logging.warning("Preemption notice (SIGTERM): saved step %d to %s and stopped; run the same command again "
+                      "to resume.", step, ckpt.directory_of(step))
       break
   step = int(jax.device_get(state.step))
   timing = {}
@@ -436,7 +481,8 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
               "steps_per_second": (step - first_step) / elapsed if step > first_step else None}
   last = lambda name: history[name][-1][1] if history[name] else None
   return {"step": step, "state": state, "history": history, "training_loss": last("training_loss"),
-          "eval_loss": last("eval_loss"), "preempted": preempted, "workdir": str(workdir),
+          "eval_loss": last("eval_loss"), "preempted": preempted, "skipped_steps": skipped_total,
+          "workdir": str(workdir),
           "config_path": str(workdir / "config.json"), "tensorboard_dir": str(workdir / "tensorboard"),
           "checkpoint_dir": str(workdir / checkpoints.REGULAR_DIR), "samples": sample_paths, **timing}
 

@@ -12,6 +12,7 @@ import ml_collections
 
 from score_sde import datasets
 from score_sde import likelihood
+from score_sde import losses
 from score_sde import models
 from score_sde import sampling
 from score_sde import sde as sde_lib
@@ -43,6 +44,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice("sampling.step_rule", sample.step_rule, correctors.STEP_RULES)
   _choice("eval.divergence", evaluate.divergence, likelihood.DIVERGENCES)
   _choice("optim.optimizer", config.optim.optimizer, _OPTIMIZERS, lower=True)
+  _choice("training.nonfinite", training.nonfinite, losses.NONFINITE_POLICIES)
 
   if not training.continuous and training.sde.lower() == "subvpsde":
     raise ValueError("Discrete training (config.training.continuous=False) exists for vpsde (DDPM loss) and "
@@ -56,7 +58,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if sample.predictor == "none" and sample.corrector == "none" and sample.method == "pc":
     raise ValueError("config.sampling.predictor and config.sampling.corrector are both 'none'; choose at "
                      f"least one of {sorted(sampling.PREDICTORS)} / {sorted(sampling.CORRECTORS)}.")
-  for field in ("batch_size", "n_iters", "n_jitted_steps"):
+  if int(training.max_skipped) != training.max_skipped or training.max_skipped < 0:
+    raise ValueError(f"config.training.max_skipped must be a non-negative integer, got {training.max_skipped}.")
+  for field in ("batch_size", "n_iters", "n_jitted_steps", "fsdp"):
     if int(training[field]) < 1:
       raise ValueError(f"config.training.{field} must be a positive integer, got {training[field]}.")
   for field in ("log_freq", "eval_freq", "snapshot_freq", "snapshot_freq_for_preemption"):
