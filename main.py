@@ -12,6 +12,13 @@ eval loss over the whole split and the likelihood), ``sample``, ``likelihood`` a
 original checkpoint, ``--source``, becomes the workdir's first checkpoint) and ``fid_stats`` (Inception
 reference statistics of the data set, to ``eval.fid_stats_path`` or the workdir). Any config field can
 be overridden on the command line, e.g. ``--config.training.batch_size=64``.
+
+Many hosts: start the same command in one process per host (or per accelerator); the processes
+find each other from the launcher (SLURM, Open MPI, TPU pods on GKE), from ``--distributed=on``
+(JAX's own detection, e.g. on Cloud TPU VMs), or from ``--coordinator_address``,
+``--num_processes`` and ``--process_id``. Only process 0 writes logs below WARNING, the config,
+TensorBoard and pictures. A SIGTERM (preemption notice) during training saves a checkpoint and
+exits with status 0; rerunning the command resumes.
 """
 
 from __future__ import annotations
@@ -19,11 +26,13 @@ from __future__ import annotations
 import jax
 from absl import app
 from absl import flags
+from absl import logging
 from etils import epath
 from ml_collections import config_flags
 
 from score_sde import evaluate
 from score_sde import models
+from score_sde import parallel
 from score_sde import sample_quality
 from score_sde import train
 from score_sde import validation
@@ -38,6 +47,16 @@ _SOURCE = flags.DEFINE_string("source", None, "--mode=import: a checkpoint of th
                               "the PyTorch port, an .npz export, or an original JAX checkpoint_<n> file).")
 _EVAL_FOLDER = flags.DEFINE_string("eval_folder", "eval", "Folder of the workdir for sample, likelihood and eval "
                                    "outputs.")
+# Multi-host set-up (parallel.initialize_distributed); none is needed on a single machine.
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", parallel.MODES, "auto: join a multi-process run when the "
+                                 "flags below, JAX_COORDINATOR_ADDRESS or the launcher (SLURM, Open MPI, GKE TPU) "
+                                 "say there is one; on: always, detecting the settings with JAX (e.g. Cloud TPU VM "
+                                 "pod slices); off: one process.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator (every process "
+                                   "passes the same).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None, "Local accelerators this process uses, e.g. 0,1.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -64,6 +83,12 @@ def _report_likelihood(result) -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}; config fields are set with --config.<field>=<value>.")
+  parallel.initialize_distributed(
+      _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+      local_device_ids=[int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None)
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)  # progress lines come from process 0
   config = _CONFIG.value
   validation.validate(config)
   mode = _MODE.value
@@ -84,10 +109,14 @@ def main(argv) -> None:
     return
   if mode == "train":
     result = train.train(config, workdir)
+    if result["preempted"]:
+      _say(f"preempted (SIGTERM): saved step {result['step']} in {workdir} and stopped; run the same command to "
+           f"resume.")
+      return
     _say(f"trained to step {result['step']}: training loss {result['training_loss']}, eval loss "
          f"{result['eval_loss']}\n  checkpoints: {result['checkpoint_dir']}\n  TensorBoard: tensorboard --logdir "
          f"{result['tensorboard_dir']}\n  resolved config: {result['config_path']}")
-    if result["preempted"] or not config.training.final_evaluation:
+    if not config.training.final_evaluation:
       return
     mode = "final"
   if mode in ("sample", "final"):

@@ -61,11 +61,12 @@ def _manager(directory: epath.Path, keep: int | None, writer: bool = True) -> oc
   """An asynchronous manager of one series that keeps the newest ``keep`` steps (None: all).
 
   A reader (``writer=False``) creates nothing and leaves unfinished temporaries alone, so it can
-  run beside the training process that writes them.
+  run beside the training process that writes them; it also writes no root metadata, which keeps
+  it free of cross-process barriers (processes may see a directory appear at different times).
   """
   policy = preservation_policy.PreserveAll() if keep is None else preservation_policy.LatestN(keep)
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True,
-                                         cleanup_tmp_directories=writer, create=writer)
+                                         cleanup_tmp_directories=writer, create=writer, save_root_metadata=writer)
   return ocp.CheckpointManager(directory, options=options)
 
 

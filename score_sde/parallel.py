@@ -261,8 +261,12 @@ def shard_batch(batch: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places a pytree on every device of the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places a pytree of arrays, the same on every host, on every device of the mesh (of every host)."""
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda x: jax.make_array_from_callback(
+      np.shape(x), sharding, lambda index, x=np.asarray(x): x[index]), tree)
 
 
 def to_host(tree: Any) -> Any:

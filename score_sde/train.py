@@ -378,8 +378,8 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
 
   # Keys: one base key per purpose, folded with the step inside the programs.
   replicated = parallel.replicated(mesh)
-  init_key, train_key, eval_key, sample_key = jax.device_put(
-      list(jax.random.split(jax.random.key(config.seed), 4)), replicated)
+  init_key, train_key, eval_key, sample_key = jax.jit(  # made on every device (device_put cannot reach other hosts)
+      lambda: tuple(jax.random.split(jax.random.key(config.seed), 4)), out_shardings=replicated)()
 
   # Compiled programs: state replicated, or split over "fsdp" (and donated to the train step), batches
   # sharded over the whole mesh.
@@ -582,7 +582,7 @@ def import_checkpoint(config: ml_collections.ConfigDict, workdir: str | epath.Pa
   state = losses.init_train_state(imported["params"], build_optimizer(config))
   state = state.replace(step=jnp.asarray(imported["step"], state.step.dtype),
                         ema_params=jax.tree.map(jnp.asarray, imported["ema_params"]))
-  state = jax.device_put(state, parallel.replicated(mesh))
+  state = parallel.replicate(state, mesh)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     _write_config(config, workdir)
