@@ -132,6 +132,7 @@ class Checkpointer:
     self._managers = {REGULAR_DIR: _manager(self.workdir / REGULAR_DIR, int(keep) or None),
                       PREEMPTION_DIR: _manager(self.workdir / PREEMPTION_DIR, 1)}
     self._in_flight: dict[str, int] = {}  # series -> the step of its newest save started
+    self._failed: set[str] = set()  # series whose failure was reported
 
   def directory_of(self, step: int) -> epath.Path:
     """The directory of ``step`` (in the series that saved it; the regular one when it is in neither)."""
@@ -144,6 +145,7 @@ class Checkpointer:
     """The error of a failed save: which step, where, what is left, and what to do."""
     directory = self.workdir / series
     what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+    self._failed.add(series)
     return OSError(
         f"Saving {what} to {directory} failed ({type(error).__name__}: {str(error)[:300]}). The checkpoints "
         f"saved before it are untouched (steps {list_steps(self.workdir)}), and the run stops rather than "
@@ -183,6 +185,7 @@ class Checkpointer:
       return False
     if step in self._managers[series].all_steps():
       return False
+    self.wait()  # the previous saves (of both series) must have succeeded before a new one starts
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state))
     try:  # also reports a failure of the previous, asynchronous save of this series
       started = self._managers[series].save(step, args=args, force=True)
@@ -236,7 +239,7 @@ class Checkpointer:
     Raises:
       OSError: when a save failed (see ``_save_error``).
     """
-    for series, manager in self._managers.items():
+    for series, manager in sorted(self._managers.items(), key=lambda item: self._in_flight.get(item[0], 0)):
       try:
         manager.wait_until_finished()
       except Exception as e:  # pylint: disable=broad-except
@@ -246,14 +249,15 @@ class Checkpointer:
     """Waits for the saves in flight, then releases the managers (all of them, even after a failure).
 
     Raises:
-      OSError: when a save failed.
+      OSError: when a save failed (and was not reported before).
     """
     failure = None
-    for series, manager in self._managers.items():
+    for series, manager in sorted(self._managers.items(), key=lambda item: self._in_flight.get(item[0], 0)):
       try:
         manager.close()
       except Exception as e:  # pylint: disable=broad-except
-        failure = failure or (series, e)
+        if series not in self._failed:
+          failure = failure or (series, e)
     if failure is not None:
       series, e = failure
       raise self._save_error(series, self._in_flight.get(series), e) from e

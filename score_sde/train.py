@@ -46,7 +46,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tensorboardX
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
@@ -348,7 +347,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
     workdir.mkdir(parents=True, exist_ok=True)
     _write_config(config, workdir)
   with _quiet_orbax():
-    writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard")) if is_host0 else None
+    writer = None
+    if is_host0:  # imported here: tensorboardX imports PyTorch when it is installed (seconds), other hosts skip it
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      writer = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
     ckpt = checkpoints.Checkpointer(workdir, snapshot_freq=t.snapshot_freq,
                                     preemption_freq=t.snapshot_freq_for_preemption, keep=t.keep_checkpoints)
     try:
@@ -361,7 +363,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
 
 
 def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: epath.Path, last_step: int,
-                ckpt: checkpoints.Checkpointer, writer: tensorboardX.SummaryWriter | None,
+                ckpt: checkpoints.Checkpointer, writer: Any,
                 notice: parallel.PreemptionNotice) -> dict[str, Any]:
   """``train`` after its checks: builds, compiles, resumes and runs the loop (see ``train``)."""
   t = config.training

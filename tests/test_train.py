@@ -21,7 +21,6 @@ import numpy as np
 import PIL.Image
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
-from tensorboardX.proto import event_pb2
 
 from configs import default
 from score_sde import checkpoints
@@ -89,6 +88,7 @@ def assert_bitwise_equal(a, b):
 
 def read_scalars(directory):
   """{tag: [(step, value)]} from the TensorBoard event files under ``directory`` (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top  (it imports PyTorch)
   scalars = {}
   for path in sorted(pathlib.Path(directory).glob("events.out.tfevents.*")):
     data, offset = path.read_bytes(), 0

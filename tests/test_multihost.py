@@ -1,0 +1,163 @@
+"""Scale-out on one machine: FSDP over 8 fake devices, two processes under jax.distributed, kill -9.
+
+Every run is the toy config of ``tests/test_train.py`` in a subprocess (fake CPU devices must be
+set before JAX starts; a process joins ``jax.distributed`` once), under a hard timeout so that a
+missing peer fails the test instead of hanging the suite. The subprocesses share one persistent
+compilation cache, and compile without XLA's backend optimisations (half the compile time; every
+comparison is between programs compiled alike).
+
+Tolerances. Two processes with one device each run the same global program as one process with
+two devices on the same global batch (the hosts' rows are consecutive blocks of it): the only
+cross-device arithmetic is the sum of two partial sums, which is commutative in floating point,
+so the parameters are equal bitwise. Parameter sharding changes how gradients are reduced
+(all-reduce versus reduce-scatter over different groups of devices), which reorders float32 sums:
+each gradient carries a relative error of a few ulps (~1e-6), and Adam's normalised step moves a
+parameter by at most lr = 1e-3 per step, so after 8 steps parameters agree to
+8 * 1e-3 * 1e-6 / ~1e-2 (the smallest gradient-to-epsilon ratio that matters) ~ 1e-6 absolute;
+we allow rtol = 1e-5, atol = 1e-6, as tests/test_train.py does for 8 devices against 1.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "multihost_worker.py"
+TIMEOUT = 240  # seconds for any one group of processes
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+def _env(cache, devices=1):
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
+              JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class _Group:
+  """Processes of one run, their logs in files, killed (all of them) when the test is done with them."""
+
+  def __init__(self, tmp_path, name, workdir, overrides, *, processes=1, devices=1, cache=None, hang_after=0):
+    self.out = str(tmp_path / f"{name}.npz")
+    port = _free_port()
+    self.logs, self.procs = [], []
+    for i in range(processes):
+      log = open(tmp_path / f"{name}.{i}.log", "w")  # pylint: disable=consider-using-with
+      args = [sys.executable, str(WORKER), str(workdir), self.out, "--num_processes", str(processes),
+              "--process_id", str(i), "--port", str(port), "--overrides", json.dumps(overrides),
+              "--hang_after", str(hang_after)]
+      self.procs.append(subprocess.Popen(args, env=_env(cache, devices), cwd=ROOT, stdout=log, stderr=log))
+      self.logs.append(log)
+
+  def report(self):
+    return "\n".join(pathlib.Path(log.name).read_text()[-3000:] for log in self.logs)
+
+  def kill(self, i=None):
+    for j, proc in enumerate(self.procs):
+      if i is None or i == j:
+        proc.kill()
+        proc.wait()
+
+  def wait(self, deadline):
+    try:
+      for proc in self.procs:
+        proc.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+      self.kill()
+      pytest.fail(f"timed out:\n{self.report()}")
+    finally:
+      for log in self.logs:
+        log.close()
+    assert all(p.returncode == 0 for p in self.procs), self.report()
+    return dict(np.load(self.out))
+
+  def wait_for(self, paths, deadline):
+    while not all(os.path.exists(p) for p in paths):
+      if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+        self.kill()
+        pytest.fail(f"never reached {paths}:\n{self.report()}")
+      time.sleep(0.2)
+
+
+def _params(result):
+  return [result[k] for k in sorted((k for k in result if k.startswith("arr_")), key=lambda k: int(k[4:]))]
+
+
+OVERRIDES = {"training.snapshot_sampling": False, "training.eval_freq": 1000}
+
+_EIGHT_DEVICES = """
+import json
+import sys
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+from score_sde import train
+from tests.test_train import toy_config
+
+assert jax.device_count() == 8, jax.devices()
+base = json.loads(sys.argv[2])
+leaves = lambda result: [np.asarray(x) for x in jax.tree.leaves(jax.device_get(result["state"]))]
+# The reference: one process, two devices, pure data parallelism.
+reference = train.train(toy_config(**base), sys.argv[1] + "/reference", devices=jax.devices()[:2])
+# Eight devices, fsdp = 2 for steps 1..4 (checkpoint 4), then resumed from that checkpoint with fsdp = 4.
+half = train.train(toy_config(**base, **{"training.fsdp": 2, "training.n_iters": 4}), sys.argv[1] + "/fsdp")
+assert half["step"] == 4
+kernel = half["state"].params["ResidualMLPBlock_0"]["Dense_0"]["kernel"]  # (32, 32)
+assert kernel.sharding.spec == P(None, "fsdp") and kernel.addressable_shards[0].data.shape == (32, 16)
+fsdp = train.train(toy_config(**base, **{"training.fsdp": 4}), sys.argv[1] + "/fsdp")
+assert fsdp["step"] == 8
+for tree in (fsdp["state"].params, fsdp["state"].ema_params, fsdp["state"].opt_state):
+  assert P(None, "fsdp") in {x.sharding.spec for x in jax.tree.leaves(tree)}, tree
+kernel = fsdp["state"].params["ResidualMLPBlock_0"]["Dense_0"]["kernel"]
+assert kernel.addressable_shards[0].data.shape == (32, 8)
+last = fsdp["state"].params["Dense_1"]  # kernel (32, 2): split along its 32 rows; bias (2,): replicated
+assert last["kernel"].sharding.spec == P("fsdp") and last["bias"].sharding.is_fully_replicated
+np.savez(sys.argv[1] + "/reference.npz", *leaves(reference))
+np.savez(sys.argv[1] + "/fsdp.npz", *leaves(fsdp))
+print("OK")
+"""
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory, cache):
+  """One process with 8 fake devices: the 2-device reference run, and the FSDP runs."""
+  path = tmp_path_factory.mktemp("eight")
+  run = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES, str(path), json.dumps(OVERRIDES)],
+                       env=_env(cache, devices=8), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+  assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-4000:]
+  return {name: _params(np.load(path / f"{name}.npz")) for name in ("reference", "fsdp")}
+
+
+def test_fsdp_matches_data_parallel_and_restores_under_another_fsdp(eight_devices):
+  for a, b in zip(eight_devices["fsdp"], eight_devices["reference"], strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_match_two_devices_and_resume_after_kill(tmp_path, cache, eight_devices):
+  """Two processes (one device each), killed -9 after step 6 and restarted, end bitwise equal to 1 x 2 devices."""
+  deadline = time.monotonic() + TIMEOUT
+  first = _Group(tmp_path, "two", tmp_path / "two", OVERRIDES, processes=2, cache=cache, hang_after=6)
+  first.wait_for([f"{first.out}.hang0", f"{first.out}.hang1"], deadline)
+  first.kill(1)  # one host dies; the scheduler then stops and restarts the whole job
+  first.kill()
+  resumed = _Group(tmp_path, "two", tmp_path / "two", OVERRIDES, processes=2, cache=cache).wait(deadline)
+  assert resumed["devices"] == 2 and resumed["start"] == 6 and resumed["step"] == 8 and not resumed["preempted"]
+  for a, b in zip(_params(resumed), eight_devices["reference"], strict=True):
+    np.testing.assert_array_equal(a, b)
