@@ -49,6 +49,7 @@ REGULAR_DIR = "checkpoints"
 PREEMPTION_DIR = "checkpoints-meta"
 DAMAGED_DIR = "checkpoints-damaged"
 _SERIES = (REGULAR_DIR, PREEMPTION_DIR)
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes step s into "s.orbax-checkpoint-tmp..." and renames it to "s"
 
 
 def absolute(workdir: str | os.PathLike) -> epath.Path:
@@ -68,6 +69,22 @@ def _manager(directory: epath.Path, keep: int | None, writer: bool = True) -> oc
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True,
                                          cleanup_tmp_directories=writer, create=writer, save_root_metadata=writer)
   return ocp.CheckpointManager(directory, options=options)
+
+
+def _remove_unfinished(workdir: epath.Path) -> None:
+  """Deletes the unfinished step directories a killed or failed save left (process 0; all processes wait).
+
+  Orbax deletes them too, but in the background, where a new save of the same step (the resumed run
+  redoing it) can collide with the deletion; this deletes them before any save starts.
+  """
+  if jax.process_index() == 0:
+    for series in _SERIES:
+      if (workdir / series).exists():
+        for path in (workdir / series).iterdir():
+          if _TMP_SUFFIX in path.name and path.name.split(".")[0].isdigit():
+            logging.info("Removing %s, an unfinished checkpoint.", path)
+            path.rmtree()
+  ocp.multihost.sync_global_processes("score_sde_remove_unfinished")
 
 
 def _newest_first(managers: dict[str, ocp.CheckpointManager]) -> list[tuple[int, str]]:
@@ -129,6 +146,7 @@ class Checkpointer:
       raise ValueError(f"keep (training.keep_checkpoints) must be a non-negative integer (0: keep all), got {keep}.")
     self.workdir = absolute(workdir)
     self.snapshot_freq, self.preemption_freq = int(snapshot_freq), int(preemption_freq)
+    _remove_unfinished(self.workdir)
     self._managers = {REGULAR_DIR: _manager(self.workdir / REGULAR_DIR, int(keep) or None),
                       PREEMPTION_DIR: _manager(self.workdir / PREEMPTION_DIR, 1)}
     self._in_flight: dict[str, int] = {}  # series -> the step of its newest save started
@@ -187,10 +205,10 @@ class Checkpointer:
       return False
     self.wait()  # the previous saves (of both series) must have succeeded before a new one starts
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state))
-    try:  # also reports a failure of the previous, asynchronous save of this series
+    try:
       started = self._managers[series].save(step, args=args, force=True)
     except Exception as e:  # pylint: disable=broad-except  (Orbax and TensorStore raise many types)
-      raise self._save_error(series, self._in_flight.get(series, step), e) from e
+      raise self._save_error(series, step, e) from e
     if started:
       self._in_flight[series] = step
     return started
