@@ -4,8 +4,9 @@
     sde, model, score_fn, step = train.restore_for_inference(config, workdir)
 
 The loop (Song et al. 2021, ``run_lib.train``) on ``jax.jit`` with a mesh over every device of
-every host: the global batch is sharded over the mesh, the train state is replicated and donated,
-and ``training.n_jitted_steps`` optimiser steps run per compiled call. The step's randomness is
+every host: the global batch is sharded over the mesh, the train state is replicated (or, with
+``training.fsdp = k``, split k ways; see ``parallel``) and donated, and ``training.n_jitted_steps``
+optimiser steps run per compiled call. The step's randomness is
 ``fold_in(key, step)`` of a key fixed by ``config.seed``, so the run is a function of the config
 and the step alone: a run resumed from a checkpoint (train state, data-iterator positions and the
 running metric sums) repeats, bit for bit, what the uninterrupted run would have done.
@@ -15,7 +16,7 @@ Workdir::
     config.json              the resolved config (rewritten on every start; changes are warned about)
     checkpoints/<step>       regular checkpoints (training.snapshot_freq, kept by keep_checkpoints)
     checkpoints-meta/<step>  the newest preemption checkpoint (training.snapshot_freq_for_preemption)
-    tensorboard/             scalars training_loss, grad_norm, lr, eval_loss (process 0)
+    tensorboard/             scalars training_loss, grad_norm, lr, eval_loss, skipped_steps (process 0)
     samples/step_<step>.png  snapshot samples (an image grid, or a scatter plot of 2-D data) and .npz
 
 Every step count in logs, files and errors is the train state's step after the update: "step s" is
@@ -27,7 +28,15 @@ mesh and on every host alike (host-side scaling would spend host CPU time on eve
 
 Training losses stay on the device until a log line, an eval or a checkpoint needs them; then all
 of them are checked, so a non-finite loss stops the run (``FloatingPointError`` naming its step)
-before anything computed after it is saved, without a device-to-host round trip per step.
+before anything computed after it is saved, without a device-to-host round trip per step. With
+``training.nonfinite = "skip"`` the compiled step drops a non-finite update instead (the state
+stays as it was), the checks count the skipped steps, and the run stops only after more than
+``training.max_skipped`` of them in a row.
+
+Faults. A SIGTERM (a preemption notice) makes the loop save the step of the call in progress and
+return with ``preempted=True``; on many hosts every process stops at the same call
+(``parallel.PreemptionNotice``). A checkpoint that cannot be written stops the run with an
+``OSError`` naming its directory (``checkpoints``), the earlier checkpoints untouched.
 """
 
 from __future__ import annotations
@@ -320,7 +329,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
   Returns:
     A dict: ``step`` (the final step), ``state`` (the final ``losses.TrainState``), ``history``
     ({"training_loss" | "grad_norm" | "lr" | "eval_loss": [(step, value), ...]} of this call),
-    ``training_loss`` and ``eval_loss`` (the last logged values, or None), ``preempted``, the
+    ``training_loss`` and ``eval_loss`` (the last logged values, or None), ``preempted`` (a SIGTERM
+    stopped the run after saving ``step``), ``skipped_steps`` (non-finite steps skipped by this
+    call; "skipped_steps" is then also in ``history``, with ``training.nonfinite = "skip"``), the
     paths ``workdir``, ``config_path``, ``tensorboard_dir``, ``checkpoint_dir`` and ``samples``
     (the snapshot PNGs written by this call), and, when a step ran, ``time_to_first_step`` (seconds
     from the call to the end of the first compiled call) and ``steps_per_second`` (after it,
@@ -328,7 +339,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
 
   Raises:
     ValueError: for a config that cannot run (before anything compiles), or unusable checkpoints.
-    FloatingPointError: when a training loss is not finite (the message names the step).
+    FloatingPointError: when a training loss is not finite (the message names the step), or
+      more than ``training.max_skipped`` steps in a row were skipped.
+    OSError: when a checkpoint cannot be written (the message names the directory).
   """
   t = config.training
   k = t.n_jitted_steps
