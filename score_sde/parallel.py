@@ -21,10 +21,9 @@ unset value to JAX's own detection (Cloud TPU VM pod slices, Kubernetes, mpi4py)
 cross-process collectives are gloo's (``jax_cpu_collectives_implementation``).
 
 Preemption. ``PreemptionNotice`` turns SIGTERM, a scheduler's notice before eviction, into a
-decision that every process takes at the same call of the training loop: under
-``jax.distributed`` with JAX's preemption service, the service's sync point
-(``multihost_utils.reached_preemption_sync_point``); otherwise a SIGTERM handler's flag, agreed
-over the processes by a small all-gather at each call boundary (when there is more than one).
+decision that every process takes at the same call of the training loop: a SIGTERM handler's
+flag, combined over the processes by a one-element all-reduce per call that never stalls the
+devices.
 """
 
 from __future__ import annotations
@@ -35,9 +34,9 @@ import threading
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -129,37 +128,38 @@ def initialize_distributed(mode: str = "auto", *, coordinator_address: str | Non
   return True
 
 
-def any_process(flag: bool) -> bool:
-  """Whether ``flag`` is true on any process (a small all-gather when there is more than one)."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
-
-
 class PreemptionNotice:
   """A SIGTERM (a preemption notice) as a decision every process takes at the same training call.
 
-  Use as a context manager around the loop and ask ``reached(call)`` once per compiled call, with
-  the call's index (consecutive integers, the same on every process)::
+  Use as a context manager around the loop and ask ``reached()`` once per compiled call, on every
+  process::
 
       with parallel.PreemptionNotice() as notice:
-        for call in ...:
-          ...
-          if notice.reached(call):  # save, then stop
+        for ...:
+          state, metrics = p_train(...)
+          if notice.reached():  # save, then stop
+
+  One process decides at once. Several processes combine their flags with a one-element
+  all-reduce per call, dispatched after the call's step and read at the next call (by then it is
+  done), so the devices never wait for the host; all of them stop one call after the first
+  process that got the signal. The flag is this module's own: JAX's preemption service
+  (``multihost_utils.reached_preemption_sync_point``) requires a step counter that grows by one
+  per query, which Orbax's own queries with the checkpoint's step break when
+  ``n_jitted_steps`` > 1. Its SIGTERM handler is therefore replaced during training.
   """
 
   def __init__(self):
-    self._service = jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service
     self._received = threading.Event()
     self._previous = None
+    self._pending = None  # multi-process: the all-reduce of the flags, dispatched at the previous call
+    self._reduce = None
 
   def __enter__(self) -> PreemptionNotice:
-    # JAX's preemption service handles SIGTERM itself; elsewhere a handler sets a flag.
-    if not self._service:
-      if threading.current_thread() is threading.main_thread():
-        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-      else:
-        logging.warning("Training outside the main thread: SIGTERM is not turned into a preemption checkpoint.")
+    if threading.current_thread() is threading.main_thread():
+      previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+      self._previous = signal.SIG_DFL if previous is None else previous  # None: a handler installed outside Python
+    else:
+      logging.warning("Training outside the main thread: SIGTERM is not turned into a preemption checkpoint.")
     return self
 
   def __exit__(self, *exc_info) -> None:
@@ -170,11 +170,22 @@ class PreemptionNotice:
   def _on_sigterm(self, signum, frame) -> None:  # pylint: disable=unused-argument
     self._received.set()
 
-  def reached(self, call: int) -> bool:
-    """Whether every process stops after call number ``call`` (True on all of them, at the same call)."""
-    if self._service:
-      return multihost_utils.reached_preemption_sync_point(int(call))
-    return any_process(self._received.is_set())
+  def _dispatch(self, flag: bool) -> jax.Array:
+    """Starts the all-reduce (max over every device of every process) of this process's flag."""
+    if self._reduce is None:
+      mesh = Mesh(np.asarray(jax.devices()), ("devices",))
+      self._sharding = NamedSharding(mesh, P("devices"))
+      self._reduce = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+    local = np.full((jax.local_device_count(),), flag, np.int32)
+    return self._reduce(jax.make_array_from_process_local_data(self._sharding, local, (jax.device_count(),)))
+
+  def reached(self) -> bool:
+    """Whether every process stops after this call (the same answer on all of them)."""
+    if jax.process_count() == 1:
+      return self._received.is_set()
+    agreed = self._pending is not None and bool(self._pending)
+    self._pending = self._dispatch(self._received.is_set())
+    return agreed
 
 
 # --- Meshes and shardings ------------------------------------------------------------------------

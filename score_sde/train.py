@@ -452,7 +452,7 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
       first_step, first_done = step, time.perf_counter()
       logging.info("Step %d done, %.1f s after the start (compilation included).", step, first_done - started)
       progress.start(step)
-    preempted = notice.reached(step // k)
+    preempted = notice.reached()
     save_due = preempted or step % t.snapshot_freq == 0 or step % t.snapshot_freq_for_preemption == 0
     # Check the losses since the last check before anything is logged or saved.
     if step % t.log_freq == 0 or step % t.eval_freq == 0 or save_due or step == last_step:

@@ -1,4 +1,4 @@
-"""Scale-out on one machine: FSDP over 8 fake devices, two processes under jax.distributed, kill -9.
+"""Scale-out on one machine: FSDP over 8 fake devices, two processes under jax.distributed, SIGTERM, kill -9.
 
 Every run is the toy config of ``tests/test_train.py`` in a subprocess (fake CPU devices must be
 set before JAX starts; a process joins ``jax.distributed`` once), under a hard timeout so that a
@@ -55,7 +55,8 @@ def _free_port():
 class _Group:
   """Processes of one run, their logs in files, killed (all of them) when the test is done with them."""
 
-  def __init__(self, tmp_path, name, workdir, overrides, *, processes=1, devices=1, cache=None, hang_after=0):
+  def __init__(self, tmp_path, name, workdir, overrides, *, processes=1, devices=1, cache=None, hang_after=0,
+               sigterm_at=0):
     self.out = str(tmp_path / f"{name}.npz")
     port = _free_port()
     self.logs, self.procs = [], []
@@ -63,7 +64,7 @@ class _Group:
       log = open(tmp_path / f"{name}.{i}.log", "w")  # pylint: disable=consider-using-with
       args = [sys.executable, str(WORKER), str(workdir), self.out, "--num_processes", str(processes),
               "--process_id", str(i), "--port", str(port), "--overrides", json.dumps(overrides),
-              "--hang_after", str(hang_after)]
+              "--hang_after", str(hang_after), "--sigterm_at", str(sigterm_at)]
       self.procs.append(subprocess.Popen(args, env=_env(cache, devices), cwd=ROOT, stdout=log, stderr=log))
       self.logs.append(log)
 
@@ -151,14 +152,23 @@ def test_fsdp_restores_a_data_parallel_checkpoint_and_matches_data_parallel(eigh
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_two_processes_match_two_devices_and_resume_after_kill(tmp_path, cache, eight_devices):
-  """Two processes (one device each), killed -9 after step 6 and restarted, end bitwise equal to 1 x 2 devices."""
+def test_two_processes_stop_together_survive_kill_and_match_two_devices(tmp_path, cache, eight_devices):
+  """Two processes (one device each) under jax.distributed, against one process with two devices.
+
+  1. Process 1 alone gets SIGTERM during call 2: both save step 3 (one call later) and exit 0.
+  2. Restarted, they resume from step 3 and are killed -9 (process 1 first) after saving step 6.
+  3. Restarted again, they resume from step 6 and end at step 8, bitwise equal to the reference.
+  """
   deadline = time.monotonic() + TIMEOUT
-  first = _Group(tmp_path, "two", tmp_path / "two", OVERRIDES, processes=2, cache=cache, hang_after=6)
-  first.wait_for([f"{first.out}.hang0", f"{first.out}.hang1"], deadline)
-  first.kill(1)  # one host dies; the scheduler then stops and restarts the whole job
-  first.kill()
-  resumed = _Group(tmp_path, "two", tmp_path / "two", OVERRIDES, processes=2, cache=cache).wait(deadline)
+  workdir = tmp_path / "two"
+  preempted = _Group(tmp_path, "preempted", workdir, OVERRIDES, processes=2, cache=cache, sigterm_at=2)
+  preempted = preempted.wait(deadline)
+  assert preempted["preempted"] and preempted["step"] == 3 and preempted["start"] == 0
+  killed = _Group(tmp_path, "killed", workdir, OVERRIDES, processes=2, cache=cache, hang_after=6)
+  killed.wait_for([f"{killed.out}.hang0", f"{killed.out}.hang1"], deadline)
+  killed.kill(1)  # one host dies; the scheduler then stops and restarts the whole job
+  killed.kill()
+  resumed = _Group(tmp_path, "resumed", workdir, OVERRIDES, processes=2, cache=cache).wait(deadline)
   assert resumed["devices"] == 2 and resumed["start"] == 6 and resumed["step"] == 8 and not resumed["preempted"]
   for a, b in zip(_params(resumed), eight_devices["reference"], strict=True):
     np.testing.assert_array_equal(a, b)
