@@ -5,7 +5,7 @@ Each case runs the evaluation's sampling path (``evaluate._sample_program`` draw
 process with one device, and two processes on 127.0.0.1 (JAX's CPU collectives) with two devices
 each. The features come from a fixed random projection of the pixels
 standing in for the Inception network (tests/test_evaluate.py runs the real one), so the cases cost
-seconds. The samples must be identical; each host's round files must hold its own rows, which
+seconds. The samples must be identical, also in rounds of another size; each host's round files must hold its own rows, which
 concatenate to the single-host result; and a round that only one host finished is redone by both
 (otherwise the host that skipped it would leave the other waiting in a collective forever).
 """
@@ -62,6 +62,12 @@ for attempt in ("first", "again", "redo"):
   if pid == 0:
     written = sorted(f.name for f in rounds.iterdir() if before.get(f.name) != os.stat(f).st_mtime_ns)
     np.savez(f"{out}/{attempt}.npz", written=np.array(written, dtype=str), **result)
+if nproc == 1:  # the same samples in rounds of 2
+  config.sampling.batch_size = 2
+  run = evaluate._sample_program(config, sde, mesh, quantised=True)
+  result = sample_quality.sample_features(config, lambda key, fn, first: run(key, fn, first)[0], score_fn, key, mesh,
+                                          epath.Path(out) / "rounds_of_2", features)
+  np.savez(f"{out}/batch_2.npz", **result)
 print("OK", jax.process_count(), jax.device_count())
 """
 
@@ -116,6 +122,11 @@ def test_samples_do_not_depend_on_devices_or_hosts(runs):
   # may change the matrix kernel's summation order): float32 rounding of a 64-term sum.
   for name in ("pool3", "logits"):
     np.testing.assert_allclose(result[name], reference[name], rtol=1e-5, atol=1e-5)
+
+
+def test_samples_do_not_depend_on_the_batch_size(runs):
+  reference, result = _load(runs / "one_device" / "first.npz"), _load(runs / "one_device" / "batch_2.npz")
+  np.testing.assert_array_equal(result["samples"], reference["samples"])
 
 
 def test_each_host_writes_its_own_rows(runs):
