@@ -39,9 +39,9 @@ u_2 the two chroma coordinates. Since M is orthonormal the forward process commu
 (x_t M = alpha_t x_0 M + sigma_t z M, and z M ~ N(0, I)), so u_0 has the marginal alpha_t u_0 +
 sigma_t z of its own: it is the known coordinate and is replaced as above, then x = u M^T.
 
-Randomness. Sample i draws everything from fold_in(key, first_index + i) (see the samplers), so,
-where the sampler guarantees it (every fixed-budget solver; PC with a ``per_sample`` or no
-Langevin corrector), sample i does not depend on the batch it is drawn in.
+Randomness. Sample i draws everything from fold_in(key, first_index + i) (see the samplers and
+``sampling.projection``), so sample i does not depend on the batch it is drawn in, unless the PC
+sampler's batch-averaged Langevin step couples the samples (``step_rule="per_sample"`` avoids it).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def _mask(mask, shape: tuple[int, ...]) -> Array:
     broadcast = np.broadcast_shapes(mask.shape, shape)
   except ValueError:
     broadcast = None
-  if broadcast != shape or mask.ndim > len(shape):
+  if broadcast != shape:
     raise ValueError(f"mask of shape {mask.shape} does not match data of shape {shape}: pass a mask of "
                      f"the data's shape (B, ...) or one that broadcasts to it, e.g. {(1,) + shape[1:]}.")
   if not isinstance(mask, jax.core.Tracer) and mask.dtype != jnp.bool_:

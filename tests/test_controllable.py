@@ -239,6 +239,7 @@ def test_denoise_returns_the_predictor_mean_in_the_unknown_part():
   np.testing.assert_allclose(x_d[:, ~known], mean[:, ~known], rtol=1e-5, atol=1e-5)
   sigma_T = float(sde.alpha_sigma(jnp.float32(sde.T))[1])
   np.testing.assert_allclose(x_n[:, ~known], (mean + sigma_T * z)[:, ~known], rtol=1e-5, atol=1e-5)
+  assert np.abs(x_n - x_d)[:, ~known].min() > 0
 
 
 def test_samples_do_not_depend_on_the_batch_and_an_empty_mask_is_the_plain_sampler():
