@@ -1,4 +1,4 @@
-"""Weight import from the original implementations' checkpoints (NCSN++ / DDPM++ and DDPM).
+"""Weight import from the original implementations' checkpoints (NCSN++ / DDPM++, DDPM, NCSNv2, NCSN).
 
     ckpt = convert.load_checkpoint(path, model, (1, 32, 32, 3))
     score_fn = wrapper.get_score_fn(sde, model, {"params": ckpt.ema_params}, continuous=True)
@@ -15,6 +15,11 @@ Sources:
 * The original JAX code (``score_sde``): flax msgpack files of the whole training state
   (``checkpoint_<n>``): ``{"optimizer": {"target": params, ...}, "params_ema": params, "step", ...}``,
   or a bare parameter tree.
+* NCSNv2 and NCSN networks (the ``ve/ncsnv2`` and ``ve/ncsn`` configs) load from state_dicts with
+  the NCSN authors' tensor names (``begin_conv.weight``, ``res2.0.shortcut.conv.bias``, ...; see
+  ``ncsnv2.authors_name``), which the PyTorch port's NCSN models keep: the port's ``.pth`` files,
+  ``.npz`` exports, and the authors' own checkpoint lists ``[score state_dict, optimizer state_dict,
+  epoch, step, EMA state_dict]`` (ermongroup/ncsnv2), whose EMA is named.
 
 This package's NCSN++ and DDPM create their layers in the original's order, so their parameter
 trees carry the original JAX code's Linen names (``ResnetBlockBigGANpp_3/Conv_0/kernel``) and a JAX
@@ -52,10 +57,12 @@ import numpy as np
 from flax import serialization
 
 from score_sde import models
-from score_sde.models import ddpm, layers, ncsnpp, wrapper
+from score_sde.models import ddpm, layers, ncsnpp, ncsnv2, wrapper
 
 Params = Any  # A nested dict of arrays, as ``init_model(...)["params"]``.
 
+# NCSN v1 / NCSNv2 networks load by the NCSN authors' tensor names (``ncsnv2.from_authors_state_dict``).
+_NCSN_MODELS = (ncsnv2.NCSN, ncsnv2.NCSNv2)
 _BUFFERS = ("sigmas",)  # Non-parameter tensors of the port's NCSN++ / DDPM state_dicts.
 _PREFIX = "module."  # DataParallel's prefix.
 
@@ -293,7 +300,7 @@ def _check_sigmas(sigmas: Any, model: nn.Module) -> None:
 
 def torch_state_dict_to_params(state_dict: Mapping[str, Any], model: nn.Module, input_shape: Sequence[int], *,
                                check_buffers: bool = True) -> Params:
-  """Parameters of ``model`` from a state_dict of the PyTorch port (NCSN++ / DDPM++ or DDPM).
+  """Parameters of ``model`` from a PyTorch state_dict (NCSN++ / DDPM++, DDPM; NCSNv2 / NCSN by the authors' names).
 
   Args:
     state_dict: tensor name -> array (numpy, or anything ``np.asarray`` takes), e.g.
@@ -311,6 +318,10 @@ def torch_state_dict_to_params(state_dict: Mapping[str, Any], model: nn.Module, 
       buffer that differs from the model's noise schedule.
   """
   state_dict = _strip_prefix(state_dict)
+  if isinstance(model, _NCSN_MODELS):  # the NCSN authors' names, which the port's NCSN models keep
+    if check_buffers and "sigmas" not in state_dict and isinstance(model, ncsnv2.NCSNv2):
+      raise _mismatch_error("The PyTorch state_dict", [], ["sigmas"], [], model)
+    return ncsnv2.from_authors_state_dict(model, state_dict, input_shape)
   targets, unused = _torch_targets(model, input_shape)
   buffers = [name for name in _BUFFERS if name in state_dict]
   unexpected = [name for name in state_dict if name not in targets and name not in buffers and name not in unused]
@@ -364,6 +375,8 @@ def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 def _frozen_names(model: nn.Module, image_size: int) -> list[str]:
   """State_dict names of the port's parameters that do not train (the Fourier features' W)."""
+  if isinstance(model, _NCSN_MODELS):
+    return []
   return [f"all_modules.{i}.W" for i, name in enumerate(torch_layout(model, image_size))
           if name.startswith("GaussianFourierProjection_")]
 
@@ -501,6 +514,10 @@ def read_pth(path: str | os.PathLike) -> dict[str, Any]:
   torch = _import_torch()
   state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
   state = _to_numpy(state, torch)
+  if isinstance(state, (list, tuple)) and state and isinstance(state[0], Mapping):
+    # The NCSN authors' list: [score state_dict, optimizer state_dict, epoch, step(, EMA state_dict)].
+    return {"model": state[0], "ema": state[4] if len(state) > 4 else None,
+            "step": state[3] if len(state) > 3 else None}
   if not isinstance(state, Mapping):
     raise ValueError(f"{os.fspath(path)} holds a {type(state).__name__}, not a checkpoint or state_dict.")
   return dict(state)

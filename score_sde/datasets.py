@@ -35,7 +35,9 @@ or with a different ``n_jitted_steps``.
 
 Sources. Toy sets are drawn once from fixed data seeds (like a real finite data set; the
 pipeline seed only orders and augments them). Digits are scikit-learn's 8x8 ``load_digits``
-(values 0..16 mapped to 0..255) with a fixed 1500 / 297 train / test split. TFDS sets are read
+(values 0..16 mapped to 0..255) with a fixed 1500 / 297 train / test split; ``digits_rgb`` are the
+same digits, split alike, each inked in a colour of ``DIGITS_PALETTE`` fixed per digit (colour
+images that need no download, e.g. for colourisation). TFDS sets are read
 with ``tfds.data_source`` (ArrayRecord; no TensorFlow in the training process; preparing a set
 needs TensorFlow once, see ``tfds_source``); CelebA and LSUN are centre-cropped first, as in the
 original (``CroppedSource``); FFHQ / CelebA-HQ are StyleGAN dataset-tool TFRecords read without
@@ -215,15 +217,46 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
   return images, digits.target.astype(np.int32)
 
 
+def _digits_split(split: str, n: int) -> np.ndarray:
+  """The indices of ``split`` among the n digits: a fixed permutation (seed 0), test first."""
+  _check_split(split)
+  order = np.random.default_rng(0).permutation(n)
+  return order[:_DIGITS_NUM_TEST] if split == "test" else order[_DIGITS_NUM_TEST:]
+
+
 def digits_source(split: str) -> ArraySource:
   """scikit-learn's 8x8 handwritten digits as uint8 (N, 8, 8, 1) in 0..255, classes 0..9.
 
   A fixed permutation (seed 0) puts 297 of the 1797 digits in ``"test"``, the rest in ``"train"``.
   """
-  _check_split(split)
   images, labels = _digits()
-  order = np.random.default_rng(0).permutation(len(images))
-  index = order[:_DIGITS_NUM_TEST] if split == "test" else order[_DIGITS_NUM_TEST:]
+  index = _digits_split(split, len(images))
+  return ArraySource(images[index], labels[index])
+
+
+# The ink colours of ``digits_rgb`` (uint8 RGB): red, green, blue, yellow, magenta, cyan.
+DIGITS_PALETTE = np.array([[230, 40, 40], [40, 190, 60], [50, 90, 240], [240, 200, 30], [200, 50, 210],
+                           [30, 200, 210]], np.uint8)
+_DIGITS_PALETTE_SEED = 1  # digit i of the 1797 gets colour integers(len(palette), size=1797)[i]
+
+
+@functools.cache
+def _digits_rgb() -> tuple[np.ndarray, np.ndarray]:
+  images, labels = _digits()
+  colours = np.random.default_rng(_DIGITS_PALETTE_SEED).integers(len(DIGITS_PALETTE), size=len(images))
+  ink = DIGITS_PALETTE[colours].astype(np.float64)[:, None, None, :] / 255.0
+  return np.round(images * ink).astype(np.uint8), labels
+
+
+def digits_rgb_source(split: str) -> ArraySource:
+  """The digits of ``digits_source`` in colour: uint8 (N, 8, 8, 3), classes 0..9, the same split.
+
+  Digit i (of scikit-learn's 1797) has the ink colour c_i of ``DIGITS_PALETTE``, drawn once from a
+  fixed seed, so an example keeps its colour whatever the split or the pipeline's seed: each
+  pixel is round(v c_i / 255), v the grey digit's value in 0..255, on a black background.
+  """
+  images, labels = _digits_rgb()
+  index = _digits_split(split, len(images))
   return ArraySource(images[index], labels[index])
 
 
@@ -446,6 +479,7 @@ def folder_source(split: str, data_dir: str | None, name: str = "this data set")
 # folders) at full size; "image_folder" for any folder of images (``data.data_dir``).
 IMAGE_DATASETS: dict[str, Callable[[str, str | None], Sequence[dict[str, Any]]]] = {
     "digits": lambda split, data_dir: digits_source(split),
+    "digits_rgb": lambda split, data_dir: digits_rgb_source(split),
     "cifar10": functools.partial(tfds_source, "cifar10"),
     "svhn": functools.partial(tfds_source, "svhn_cropped"),
     "celeba": _tfds_split("celeb_a", "validation", crop=140),

@@ -357,8 +357,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, o
   ``out_dir/ckpt_<n>.npz``; ``out_dir/summary.json`` and ``summary.csv`` hold one row per checkpoint,
   and TensorBoard scalars go to ``out_dir/tensorboard``.
 
+  Multi-host: every process runs this with the same arguments; each generates its share of every
+  sampling round; results reach every process through collectives; process 0 writes the shared files
+  and decides, for every process, which finished parts to skip.
+
   Returns:
-    {"rows": [per-checkpoint result dicts], "json": path, "csv": path}.
+    {"rows": [per-checkpoint result dicts], "json": path, "csv": path}; on processes other than 0 a
+    row holds only what that process computed in this call.
 
   Raises:
     FileNotFoundError: for missing Inception weights or reference statistics, before anything runs.
@@ -383,8 +388,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, o
     for n in _checkpoint_list(config, workdir):
       step = n * config.training.snapshot_freq
       final = out_dir / f"ckpt_{n}.json"
-      if final.exists():
-        rows.append(json.loads(final.read_text()))
+      if parallel.process0_says(final.exists()):
+        rows.append(json.loads(final.read_text()) if is_host0 else {"ckpt": n, "step": step})
         logging.info("checkpoint %d (step %d) was evaluated before: %s", n, step, final)
         continue
       _wait_for_step(workdir, step, e.wait_timeout)
@@ -401,23 +406,27 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, o
 
       if e.enable_loss:
         path = part / "loss.json"
-        if not path.exists():
+        if not parallel.process0_says(path.exists()):
           loss = eval_loss(config, workdir, step=step, restored=restored(), devices=devices)
+          row["eval_loss"] = loss["loss"]
           if is_host0:
             path.write_text(json.dumps({"loss": loss["loss"], "sem": loss["sem"]}))
-        row["eval_loss"] = json.loads(path.read_text())["loss"]
+        elif is_host0:
+          row["eval_loss"] = json.loads(path.read_text())["loss"]
       if with_likelihood:
         values = []
         for r in range(e.bpd_repeats):
           name = f"ckpt_{n}/likelihood_{r}.npz"
-          if not (out_dir / name).exists():
+          if not parallel.process0_says((out_dir / name).exists()):
             key = jax.random.fold_in(jax.random.fold_in(_key(config, _LIKELIHOOD), step), r)
-            likelihood(config, workdir, out_dir, step=step, key=key, name=name, restored=restored(),
-                       devices=devices)
-          with (out_dir / name).open("rb") as f, np.load(f) as data:
-            values.append(data["values"])
+            values.append(likelihood(config, workdir, out_dir, step=step, key=key, name=name, restored=restored(),
+                                     devices=devices)["values"])
+          elif is_host0:
+            with (out_dir / name).open("rb") as f, np.load(f) as data:
+              values.append(data["values"])
         unit = "bpd" if train.example_shape(config) != (2,) else "logp_nats"
-        row[unit], row[f"{unit}_sem"] = _mean_and_sem(np.concatenate(values))
+        if len(values) == e.bpd_repeats:  # on process 0 always; elsewhere when no pass was resumed
+          row[unit], row[f"{unit}_sem"] = _mean_and_sem(np.concatenate(values))
       if e.enable_sampling:
         sde, _, score_fn, _ = restored()
         run = _sample_program(config, sde, mesh, quantised=True)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -283,3 +284,24 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def to_host(tree: Any) -> Any:
   """Brings a pytree of (possibly sharded, fully replicated or addressable) arrays to numpy."""
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+# --- Agreement between processes ------------------------------------------------------------------
+# Resumable work reads records (files) to skip finished parts. Every process must take the same
+# branch, or the collectives of the part one of them runs wait forever for the others: these turn a
+# per-process record check into one answer shared by all (each is itself a collective, so call it on
+# every process).
+
+
+def all_processes(flag: bool) -> bool:
+  """True on every process if ``flag`` is true on every process, else False on every process."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def process0_says(flag: bool) -> bool:
+  """Process 0's ``flag``, on every process (for records that only process 0 writes)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))

@@ -130,7 +130,8 @@ def sample_features(config: ml_collections.ConfigDict, draw: Callable, score_fn:
   gathered = {"samples": [], "pool3": [], "logits": []}
   for r in range(rounds):
     path = round_dir / f"round_{r}_host_{jax.process_index()}.npz"
-    if path.exists():  # finished before an interruption: rebuild the global arrays from this host's rows
+    if parallel.all_processes(path.exists()):  # finished before an interruption, on every host: rebuild
+      # the global arrays from each host's own rows (a round that some host lacks is redone by all).
       with path.open("rb") as f, np.load(f) as data:
         local = {name: data[name] for name in gathered}
       arrays = {name: jax.make_array_from_process_local_data(

@@ -5,6 +5,7 @@ checkpoints of both originals are assembled from them in the originals' file for
 """
 
 import flax.serialization
+import flax.traverse_util
 import jax
 import numpy as np
 import pytest
@@ -166,3 +167,60 @@ def test_unknown_format_and_other_models_are_rejected(reference, tmp_path):
     convert.convert_checkpoint(tmp_path / "x", config, format="safetensors")
   with pytest.raises(ValueError, match="no PyTorch-port counterpart"):
     convert.torch_layout(models.MODELS["mlp"](), 16)
+
+
+# --- NCSNv2 / NCSN: the NCSN authors' tensor names -----------------------------------------------------
+
+
+def _tiny_ncsnv2():
+  """The ve/ncsnv2/cifar10 config at 16x16 with 8 channels, and authors-style tensors of its network."""
+  from configs.ve.ncsnv2 import cifar10  # pylint: disable=g-import-not-at-top
+  from score_sde.models import layers, ncsnv2  # pylint: disable=g-import-not-at-top
+  config = cifar10.get_config()
+  config.model.nf, config.data.image_size = 8, 16
+  model = models.get_model(config)
+  shape = (1, 16, 16, 3)
+  shapes = flax.traverse_util.flatten_dict(wrapper.init_model(jax.random.key(0), model, shape, shape_only=True)
+                                           ["params"], sep="/")
+  rng = np.random.default_rng(0)
+  params = {path: rng.normal(size=leaf.shape).astype(np.float32) for path, leaf in shapes.items()}
+  tensors = {ncsnv2.authors_name(model, path): (value.transpose(3, 2, 0, 1) if path.endswith("/kernel") else value)
+             for path, value in params.items()}
+  sigmas = layers.smld_sigmas(model.sigma_min, model.sigma_max, model.num_scales).astype(np.float32)
+  return config, flax.traverse_util.unflatten_dict(params, sep="/"), tensors, sigmas
+
+
+def test_ncsnv2_npz_export_imports_by_the_authors_names(tmp_path):
+  config, params, tensors, sigmas = _tiny_ncsnv2()
+  arrays = {f"model/module.{k}": v for k, v in tensors.items()}
+  arrays.update({f"ema/module.{k}": v * 0.5 for k, v in tensors.items()}, step=np.int64(300))
+  arrays["model/module.sigmas"] = sigmas
+  np.savez(tmp_path / "ncsnv2.npz", **arrays)
+  imported = convert.convert_checkpoint(tmp_path / "ncsnv2.npz", config)
+  assert imported["step"] == 300 and imported["has_ema"]
+  _assert_trees_equal(imported["params"], params)
+  _assert_trees_equal(imported["ema_params"], jax.tree.map(lambda p: p * 0.5, params))
+
+
+def test_ncsnv2_with_another_noise_table_or_missing_tensors_is_refused(tmp_path):
+  config, _, tensors, sigmas = _tiny_ncsnv2()
+  model, shape = models.get_model(config), (1, 16, 16, 3)
+  with pytest.raises(ValueError, match="noise levels"):
+    convert.torch_state_dict_to_params({**tensors, "sigmas": sigmas[::2]}, model, shape)
+  with pytest.raises(ValueError, match="missing.*begin_conv.weight"):
+    convert.torch_state_dict_to_params({k: v for k, v in tensors.items() if k != "begin_conv.weight"}
+                                       | {"sigmas": sigmas}, model, shape)
+  with pytest.raises(ValueError, match="sigmas"):
+    convert.torch_state_dict_to_params(tensors, model, shape)
+
+
+def test_ncsn_authors_pth_list_imports(tmp_path):
+  torch = pytest.importorskip("torch")
+  config, params, tensors, sigmas = _tiny_ncsnv2()
+  score = {f"module.{k}": torch.from_numpy(v) for k, v in {**tensors, "sigmas": sigmas}.items()}
+  ema = {f"module.{k}": torch.from_numpy(v * 2.0) for k, v in tensors.items()}
+  torch.save([score, {"state": {}}, 12, 4500, ema], tmp_path / "checkpoint_4500.pth")
+  imported = convert.convert_checkpoint(tmp_path / "checkpoint_4500.pth", config)
+  assert imported["step"] == 4500 and imported["has_ema"]
+  _assert_trees_equal(imported["params"], params)
+  _assert_trees_equal(imported["ema_params"], jax.tree.map(lambda p: p * 2.0, params))

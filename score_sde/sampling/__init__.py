@@ -9,6 +9,10 @@ The fixed-budget solvers (``euler``, ``heun``, ``dpm_solver``, ``dpm_solver++``,
 the VE view of ``noise_levels`` for every SDE and take ``nfe`` (the exact number of score
 evaluations), ``order``, ``time_grid`` (``noise_levels.TIME_GRIDS``), ``eps`` and ``denoise``.
 
+Every sampler but ``ode`` takes an optional ``projection=`` at call time, a per-step constraint on
+part of the state (``sampling.projection``; inpainting and colourisation in
+``score_sde.controllable``).
+
 Every sampler is compiled as one program. ``score_fn(x, t)`` may be any callable; arrays held
 in a pytree callable (for example ``jax.tree_util.Partial(apply_fn, params)``) are traced, so new
 parameters do not trigger a recompilation.

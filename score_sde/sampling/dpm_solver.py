@@ -61,7 +61,7 @@ def _coefficients(sde: sde_lib.SDE, grid: np.ndarray, orders: list[int], eps: fl
     h = lam_t - lam_s
     r = _R[q]
     mid = noise_levels.levels(sde, noise_levels.times_of_lambda(sde, lam_s + np.array(r) * h, eps, sde.T)) if r else None
-    c = dict(t=lv.t[i], alpha=lv.alpha[i], sigma=lv.sigma[i],
+    c = dict(index=i, s_next=lv.sigma_tilde[i + 1], t=lv.t[i], alpha=lv.alpha[i], sigma=lv.sigma[i],
              a0=lv.sigma_tilde[i + 1] * h * noise_levels.phi(1, h))
     if q >= 2:
       # First-order move to s_1, and the final slope weight (through s_1 for order 2, s_2 for order 3).
@@ -120,15 +120,18 @@ def get_dpm_solver_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int
   runs, start = [], 0
   for q, group in itertools.groupby(orders):
     size = len(list(group))
-    stacked = {k: jnp.asarray(np.array([c[k] for c in per_step[start:start + size]]), jnp.float32)
+    stacked = {k: jnp.asarray(np.array([c[k] for c in per_step[start:start + size]]),
+                              jnp.int32 if k == "index" else jnp.float32)
                for k in per_step[start]}
     runs.append((q, stacked))
     start += size
 
-  def solve(score_fn: sde_lib.ScoreFn, y: Array, noise_keys: Array) -> Array:
+  def solve(score_fn: sde_lib.ScoreFn, y: Array, noise_keys: Array,
+            project: fixed_budget.Project = fixed_budget.no_projection) -> Array:
     del noise_keys  # Deterministic.
     for q, stacked in runs:
-      y = jax.lax.scan(lambda y, c, q=q: (_step(score_fn, y, c, q), None), y, stacked)[0]
+      y = jax.lax.scan(lambda y, c, q=q: (project(_step(score_fn, y, c, q), c["index"], c["s_next"]), None),
+                       y, stacked)[0]
     return y
 
   return fixed_budget.build_sampler(sde, shape, solve, nfe=nfe, eps=eps, denoise=denoise)

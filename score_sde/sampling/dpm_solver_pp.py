@@ -116,11 +116,13 @@ def get_dpm_solver_pp_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: 
   w = _weights(lv, multistep_orders(steps, order, lower_order_final), order, eta, solver_type)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   coeffs = dict(index=jnp.arange(steps), t=f32(lv.t[:-1]), alpha=f32(lv.alpha[:-1]), sigma=f32(lv.sigma[:-1]),
-                decay=f32(w["decay"]), hist_w=f32(w["hist_w"]), noise=f32(w["noise"]))
+                decay=f32(w["decay"]), hist_w=f32(w["hist_w"]), noise=f32(w["noise"]),
+                s_next=f32(lv.sigma_tilde[1:]))
   stochastic = eta > 0
   event_shape = tuple(shape[1:])
 
-  def solve(score_fn: sde_lib.ScoreFn, y: Array, noise_keys: Array) -> Array:
+  def solve(score_fn: sde_lib.ScoreFn, y: Array, noise_keys: Array,
+            project: fixed_budget.Project = fixed_budget.no_projection) -> Array:
 
     def step(carry, c):
       y, hist = carry
@@ -131,7 +133,7 @@ def get_dpm_solver_pp_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: 
       y = c["decay"] * y + jnp.tensordot(c["hist_w"], hist, axes=1)
       if stochastic:
         y = y + c["noise"] * fixed_budget.step_noise(noise_keys, c["index"], event_shape)
-      return (y, hist), None
+      return (project(y, c["index"], c["s_next"]), hist), None
 
     hist = jnp.zeros((order,) + y.shape, y.dtype)
     return jax.lax.scan(step, (y, hist), coeffs)[0][0]

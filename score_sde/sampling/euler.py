@@ -44,15 +44,16 @@ def get_euler_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 50
   steps = fixed_budget.solver_steps("euler", nfe, denoise, order, (1,))
   lv = noise_levels.levels(sde, noise_levels.time_grid(sde, time_grid, steps, eps, rho))
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  coeffs = dict(t=f32(lv.t[:-1]), alpha=f32(lv.alpha[:-1]), sigma=f32(lv.sigma[:-1]),
-                dsigma=f32(lv.sigma_tilde[1:] - lv.sigma_tilde[:-1]))
+  coeffs = dict(index=jnp.arange(steps), t=f32(lv.t[:-1]), alpha=f32(lv.alpha[:-1]), sigma=f32(lv.sigma[:-1]),
+                dsigma=f32(lv.sigma_tilde[1:] - lv.sigma_tilde[:-1]), s_next=f32(lv.sigma_tilde[1:]))
 
-  def solve(score_fn: sde_lib.ScoreFn, y: Array, noise_keys: Array) -> Array:
+  def solve(score_fn: sde_lib.ScoreFn, y: Array, noise_keys: Array,
+            project: fixed_budget.Project = fixed_budget.no_projection) -> Array:
     del noise_keys  # Deterministic.
 
     def step(y, c):
       eps_hat = noise_levels.noise_prediction(score_fn, y, c["t"], c["alpha"], c["sigma"])
-      return y + c["dsigma"] * eps_hat, None
+      return project(y + c["dsigma"] * eps_hat, c["index"], c["s_next"]), None
 
     return jax.lax.scan(step, y, coeffs)[0]
 

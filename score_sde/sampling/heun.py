@@ -77,11 +77,12 @@ def get_heun_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 35,
   coeffs = dict(index=jnp.arange(steps), t=f32(t_hat), alpha=f32(hat.alpha), sigma=f32(hat.sigma),
                 noise=f32(s_noise * np.sqrt(np.maximum(s_hat**2 - s[:-1] ** 2, 0.0))),
                 ds=f32(s[1:] - s_hat), t_next=f32(lv.t[1:]), alpha_next=f32(lv.alpha[1:]),
-                sigma_next=f32(lv.sigma[1:]))
+                sigma_next=f32(lv.sigma[1:]), s_next=f32(s[1:]))
   stochastic = bool(np.any(churned)) and s_noise > 0
   event_shape = tuple(shape[1:])
 
-  def solve(score_fn: sde_lib.ScoreFn, y: Array, noise_keys: Array) -> Array:
+  def solve(score_fn: sde_lib.ScoreFn, y: Array, noise_keys: Array,
+            project: fixed_budget.Project = fixed_budget.no_projection) -> Array:
 
     def step(y, c, correct: bool):
       # Churn: climb from sigma~_i to sigma^ by adding noise.
@@ -90,11 +91,10 @@ def get_heun_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 35,
       # Euler step from sigma^ to sigma~_{i+1}.
       d = noise_levels.noise_prediction(score_fn, y, c["t"], c["alpha"], c["sigma"])
       y_next = y + c["ds"] * d
-      if not correct:
-        return y_next
-      # Heun correction with the slope at the end of the step.
-      d_next = noise_levels.noise_prediction(score_fn, y_next, c["t_next"], c["alpha_next"], c["sigma_next"])
-      return y + c["ds"] * 0.5 * (d + d_next)
+      if correct:  # Heun correction with the slope at the end of the step.
+        d_next = noise_levels.noise_prediction(score_fn, y_next, c["t_next"], c["alpha_next"], c["sigma_next"])
+        y_next = y + c["ds"] * 0.5 * (d + d_next)
+      return project(y_next, c["index"], c["s_next"])
 
     heun_steps = steps - 1 if euler_last else steps
     head = jax.tree.map(lambda a: a[:heun_steps], coeffs)

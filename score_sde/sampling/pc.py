@@ -19,6 +19,13 @@ batch-averaged Langevin step couples the samples (use ``step_rule="per_sample"``
 the same whatever the batch size, and drawing a large set in chunks with
 ``first_index = 0, B, 2B, ...`` reproduces one big batch (bitwise, if the score function is itself
 batch-invariant).
+
+Projection. ``sampler(..., projection=p)`` (``sampling.projection``) constrains part of the state,
+for inpainting and colourisation: p.init on the prior draw, then p after each corrector update (at
+t_i) and each predictor update (at t_{i+1}, clean data after the last step); the predictor's mean
+is projected at noise 0 (its known part is alpha_{t_{i+1}} times the data), so ``denoise`` returns
+the mean in the free part and the constraint in the rest. A ``none`` update is not followed by a
+projection. The returned samples get a last projection at (1, 0).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from score_sde import sde as sde_lib
+from score_sde.sampling import projection as projection_lib
 from score_sde.sampling.correctors import CORRECTORS, STEP_RULES
 from score_sde.sampling.predictors import PREDICTORS
 
@@ -47,7 +55,7 @@ def get_pc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, predictor: str =
                    corrector: str = "langevin", snr: float = 0.16, n_steps: int = 1,
                    probability_flow: bool = False, denoise: bool = True, eps: float = 1e-3,
                    num_steps: int | None = None, step_rule: str = "batch", **unknown) -> Sampler:
-  """Builds ``sampler(key, score_fn, first_index=0) -> (samples, nfe)``.
+  """Builds ``sampler(key, score_fn, first_index=0, projection=None) -> (samples, nfe)``.
 
   Args:
     sde: the forward SDE the score function belongs to.
@@ -64,11 +72,12 @@ def get_pc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, predictor: str =
     **unknown: rejected with a ``ValueError`` naming the valid options.
 
   Returns:
-    ``sampler(key, score_fn, first_index=0)``: ``key`` a PRNG key, ``score_fn(x (B, ...), t (B,))``
-    any score function (arrays inside a pytree callable such as ``jax.tree_util.Partial`` are
-    traced, so new parameters reuse the compiled program), ``first_index`` the global index of
-    the first sample. Returns samples of ``shape`` and ``nfe``, the int32 number of score
-    evaluations made (the same for every sample).
+    ``sampler(key, score_fn, first_index=0, projection=None)``: ``key`` a PRNG key,
+    ``score_fn(x (B, ...), t (B,))`` any score function (arrays inside a pytree callable such as
+    ``jax.tree_util.Partial`` are traced, so new parameters reuse the compiled program),
+    ``first_index`` the global index of the first sample, ``projection`` an optional
+    ``sampling.projection.Projection`` (a pytree; see the module docstring). Returns samples of
+    ``shape`` and ``nfe``, the int32 number of score evaluations made (the same for every sample).
   """
   if unknown:
     valid = [p for p in inspect.signature(get_pc_sampler).parameters if p not in ("sde", "shape", "unknown")]
@@ -99,11 +108,19 @@ def get_pc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, predictor: str =
   batch = shape[0]
 
   @eqx.filter_jit
-  def run(key: Array, score_fn: sde_lib.ScoreFn, first_index: Array) -> tuple[Array, Array]:
+  def run(key: Array, score_fn: sde_lib.ScoreFn, first_index: Array,
+          project: projection_lib.Projection | None) -> tuple[Array, Array]:
     # Sample b's key: its prior draw, then a chain of splits that gives each step its own keys.
     sample_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first_index + jnp.arange(batch))
     prior_keys, step_keys = _split(sample_keys, 2)
     x = jax.vmap(lambda k: sde.prior_sampling(k, (1,) + shape[1:])[0])(prior_keys)
+    if project is not None:
+      # Noise levels at t_i (after the corrector) and t_{i+1} (after the predictor; the last step
+      # lands on clean data, alpha = 1, sigma = 0, as ``sde.step_levels`` has it).
+      alpha_i, sigma_i = sde.alpha_sigma(grid)
+      alpha_next, sigma_next = jnp.append(alpha_i[1:], 1.0), jnp.append(sigma_i[1:], 0.0)
+      project_keys = projection_lib.stream(sample_keys)
+      x = project.init(projection_lib.call_keys(project_keys, 0), x, alpha_i[0], sigma_i[0])
 
     def step(carry, i):
       x, _, nfe, keys = carry
@@ -111,14 +128,25 @@ def get_pc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, predictor: str =
       keys, corrector_keys, predictor_keys = _split(keys, 3)
       # Corrector at t_i, then the predictor from t_i to t_{i+1}.
       x, _, nfe_c = corr.update(corrector_keys, x, t, steps[i], sde, score_fn)
+      if project is not None and corrector != "none":
+        x = project(projection_lib.call_keys(project_keys, 2 * i + 1), x, alpha_i[i], sigma_i[i])
       x, x_mean, nfe_p = pred.update(predictor_keys, x, t, steps[i], sde, score_fn)
+      if project is not None and predictor != "none":
+        call = projection_lib.call_keys(project_keys, 2 * i + 2)
+        x = project(call, x, alpha_next[i], sigma_next[i])
+        if denoise:
+          x_mean = project(call, x_mean, alpha_next[i], 0.0)
       return (x, x_mean, nfe + nfe_c + nfe_p, keys), None
 
     init = (x, x, jnp.zeros((), jnp.int32), step_keys)
     (x, x_mean, nfe, _), _ = jax.lax.scan(step, init, jnp.arange(num_steps))
-    return (x_mean if denoise else x), nfe
+    x = x_mean if denoise else x
+    if project is not None:  # The constraint exactly, whatever the last update was.
+      x = project(projection_lib.call_keys(project_keys, projection_lib.FINAL_CALL), x, 1.0, 0.0)
+    return x, nfe
 
-  def sampler(key: Array, score_fn: sde_lib.ScoreFn, first_index: int | Array = 0) -> tuple[Array, Array]:
-    return run(key, score_fn, jnp.asarray(first_index, jnp.int32))
+  def sampler(key: Array, score_fn: sde_lib.ScoreFn, first_index: int | Array = 0,
+              projection: projection_lib.Projection | None = None) -> tuple[Array, Array]:
+    return run(key, score_fn, jnp.asarray(first_index, jnp.int32), projection)
 
   return sampler

@@ -122,11 +122,12 @@ def get_unipc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 10
   w = _weights(lv, dpm_solver_pp.multistep_orders(steps, order, lower_order_final, below=None), order, variant,
                corrector)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  coeffs = dict(t_next=f32(lv.t[1:]), alpha_next=f32(lv.alpha[1:]), sigma_next=f32(lv.sigma[1:]),
-                **{k: f32(v) for k, v in w.items()})
+  coeffs = dict(index=jnp.arange(steps), t_next=f32(lv.t[1:]), alpha_next=f32(lv.alpha[1:]),
+                sigma_next=f32(lv.sigma[1:]), s_next=f32(lv.sigma_tilde[1:]), **{k: f32(v) for k, v in w.items()})
   first = tuple(float(a[0]) for a in (lv.t, lv.alpha, lv.sigma))
 
-  def solve(score_fn: sde_lib.ScoreFn, y: Array, noise_keys: Array) -> Array:
+  def solve(score_fn: sde_lib.ScoreFn, y: Array, noise_keys: Array,
+            project: fixed_budget.Project = fixed_budget.no_projection) -> Array:
     del noise_keys  # Deterministic.
 
     def step(carry, c):
@@ -136,13 +137,14 @@ def get_unipc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 10
       d = noise_levels.denoiser(score_fn, y_pred, c["t_next"], c["alpha_next"], c["sigma_next"])
       # UniC: correct y_{i+1} with that value.
       y = c["decay"] * y + jnp.tensordot(c["corr_w"], hist, axes=1) + c["corr_new"] * d
-      return (y, jnp.concatenate([d[None], hist[:-1]])), None
+      return (project(y, c["index"], c["s_next"]), jnp.concatenate([d[None], hist[:-1]])), None
 
     d0 = noise_levels.denoiser(score_fn, y, *first)
     hist = jnp.zeros((order,) + y.shape, y.dtype).at[0].set(d0)
     y, hist = jax.lax.scan(step, (y, hist), jax.tree.map(lambda a: a[:-1], coeffs))[0]
     # The last step: predictor only.
-    return coeffs["decay"][-1] * y + jnp.tensordot(coeffs["pred_w"][-1], hist, axes=1)
+    y = coeffs["decay"][-1] * y + jnp.tensordot(coeffs["pred_w"][-1], hist, axes=1)
+    return project(y, coeffs["index"][-1], coeffs["s_next"][-1])
 
   return fixed_budget.build_sampler(sde, shape, solve, nfe=nfe, eps=eps, denoise=denoise)
 
