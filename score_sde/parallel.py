@@ -153,7 +153,7 @@ class PreemptionNotice:
     self._received = threading.Event()
     self._previous = None
     self._pending = None  # multi-process: the all-reduce of the flags, dispatched at the previous call
-    self._reduce = None
+    self._reduce, self._sharding = None, None  # built at the first multi-process call
 
   def __enter__(self) -> PreemptionNotice:
     if threading.current_thread() is threading.main_thread():
