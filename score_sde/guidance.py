@@ -42,6 +42,7 @@ import numpy as np
 from etils import epath
 from flax import struct
 
+from score_sde import checkpoints
 from score_sde import sde as sde_lib
 from score_sde.models import wrapper
 
@@ -278,11 +279,10 @@ def sampling_score_fns(config: ml_collections.ConfigDict, sde: sde_lib.SDE, mode
     classifier_config = _classifier_config(workdir)
     classifier_sde = train.build_sde(classifier_config)
     _check_same_noise(config, sde, classifier_config, classifier_sde)
-    try:
-      _, classifier, logit_fn, _ = train.restore_classifier(classifier_config, workdir, devices=devices)
-    except FileNotFoundError as e:
+    if not checkpoints.list_steps(workdir):
       raise ValueError(f"No classifier checkpoint in config.sampling.classifier_workdir={str(workdir)!r}; train "
-                       f"the classifier there first, or set the key to a trained classifier's workdir.") from e
+                       f"the classifier there first, or set the key to a trained classifier's workdir.")
+    _, classifier, logit_fn, _ = train.restore_classifier(classifier_config, workdir, devices=devices)
     num_classes = classifier.num_classes
   cycle = np.asarray(tuple(s.class_labels) or range(num_classes), np.int64)
   if cycle.max() >= num_classes:
