@@ -51,7 +51,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.batch_size = 64                  # samples per snapshot / per sampling batch
   # Guided class-conditional sampling (--mode sample; score_sde.guidance).
   sampling.guidance = "none"                # none | classifier | classifier_free
-  sampling.guidance_scale = 1.0             # classifier: scale of grad log p(y|x) (1: p(x|y)); classifier_free: w (0: p(x|y))
+  sampling.guidance_scale = 1.0             # classifier: gamma (1: p(x|y)); classifier_free: w (0: p(x|y))
   sampling.class_labels = ()                # sample i has class class_labels[i % n]; (): class i mod C
   sampling.classifier_workdir = ""          # the run of a training.objective="classifier" config (classifier guidance)
 
@@ -131,7 +131,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
 
   # Noise-conditional classifier of class-conditional sampling (models.classifier.get_classifier).
   config.classifier = classifier = ml_collections.ConfigDict()
-  classifier.name = "wideresnet"
+  classifier.name = "wideresnet"            # wideresnet (images) | mlp (vectors)
   classifier.depth = 28                     # 6 n + 4 (n blocks per group); WRN-28-10 is the original's
   classifier.widen_factor = 10              # models.classifier.small_wide_resnet: depth 10, width 2, 32 freqs
   classifier.num_classes = 10
@@ -139,6 +139,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   classifier.fourier_scale = 16.0
   classifier.input_mean = ()                # per-channel input normalisation; () for none
   classifier.input_std = ()                 # (the original used models.classifier.CIFAR10_MEAN / _STD)
+  classifier.hidden_dims = (128, 128)       # mlp (classifier of vectors): widths of its residual blocks
 
   # Optimisation.
   config.optim = optim = ml_collections.ConfigDict()
