@@ -22,7 +22,7 @@ Workdir::
     config.json              the resolved config (rewritten on every start; changes are warned about)
     checkpoints/<step>       regular checkpoints (training.snapshot_freq, kept by keep_checkpoints)
     checkpoints-meta/<step>  the newest preemption checkpoint (training.snapshot_freq_for_preemption)
-    tensorboard/             scalars training_loss, grad_norm, lr, eval_loss (process 0)
+    tensorboard/             scalars training_loss, grad_norm, lr, eval_loss (+ eval_accuracy) (process 0)
     samples/step_<step>.png  snapshot samples (an image grid, or a scatter plot of 2-D data) and .npz
 
 Every step count in logs, files and errors is the train state's step after the update: "step s" is
@@ -333,7 +333,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
 
   Returns:
     A dict: ``step`` (the final step), ``state`` (the final ``losses.TrainState``), ``history``
-    ({"training_loss" | "grad_norm" | "lr" | "eval_loss": [(step, value), ...]} of this call),
+    ({"training_loss" | "grad_norm" | "lr" | "eval_loss" (| "eval_accuracy" of a classifier):
+    [(step, value), ...]} of this call),
     ``training_loss`` and ``eval_loss`` (the last logged values, or None), ``preempted``, the
     paths ``workdir``, ``config_path``, ``tensorboard_dir``, ``checkpoint_dir`` and ``samples``
     (the snapshot PNGs written by this call), and, when a step ran, ``time_to_first_step`` (seconds
@@ -582,8 +583,8 @@ def restore_classifier(config: ml_collections.ConfigDict, workdir: str | epath.P
     ``(sde, classifier, logit_fn, step)``; ``logit_fn(x (B, ...), t (B,)) -> (B, num_classes)``.
 
   Raises:
-    ValueError: for a config whose ``training.objective`` is not ``classifier``, or a workdir
-      without a usable checkpoint.
+    ValueError: for a config whose ``training.objective`` is not ``classifier``.
+    FileNotFoundError: for a workdir without checkpoints.
   """
   if config.training.objective != "classifier":
     raise ValueError(f"restore_classifier needs a classifier run's config (training.objective='classifier'), got "
