@@ -264,5 +264,5 @@ def get_classifier(config: ml_collections.ConfigDict) -> nn.Module:
   return cls(**kwargs)
 
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CLASSIFIERS", "MLPClassifier", "WideResnet", "WideResnetBlock", "WideResnetGroup",
-           "get_classifier", "per_image_standardization", "small_wide_resnet"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CLASSIFIERS", "MLPClassifier", "WideResnet", "WideResnetBlock",
+           "WideResnetGroup", "get_classifier", "per_image_standardization", "small_wide_resnet"]
