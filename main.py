@@ -4,6 +4,9 @@
     python main.py --config configs/vp/digits_unet_continuous.py --workdir runs/digits --mode sample
     python main.py --config configs/toy/vp_8gaussians.py --workdir runs/toy --mode likelihood \
         --config.eval.divergence=exact
+    python main.py --config configs/classifier/digits_wrn.py --workdir runs/digits_classifier   # classifier
+    python main.py --config configs/vp/digits_unet_continuous.py --workdir runs/digits --mode sample \
+        --config.sampling.guidance=classifier --config.sampling.classifier_workdir=runs/digits_classifier
 
 Modes: ``train`` (resumes from the newest checkpoint of the workdir; with
 ``training.final_evaluation`` it then samples and computes the held-out likelihood), ``eval`` (the
@@ -31,7 +34,6 @@ from etils import epath
 from ml_collections import config_flags
 
 from score_sde import evaluate
-from score_sde import models
 from score_sde import parallel
 from score_sde import sample_quality
 from score_sde import train
@@ -67,10 +69,11 @@ def _say(message: str) -> None:
 
 def summary(config) -> int:
   """Prints ``parameters: N`` and the resolved config; returns N (shapes only, nothing compiles)."""
-  model = models.get_model(config)
+  model = train.build_network(config)
   shapes = wrapper.init_model(jax.random.key(0), model, (1,) + train.example_shape(config), shape_only=True)
   count = wrapper.count_params(shapes["params"])
-  _say(f"model: {config.model.name}\nparameters: {count}\n\nconfig:\n{config}")
+  name = config.classifier.name if config.training.objective == "classifier" else config.model.name
+  _say(f"model: {name}\nparameters: {count}\n\nconfig:\n{config}")
   return count
 
 

@@ -30,6 +30,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.snapshot_sampling = True         # sample (and plot) at every regular checkpoint
   training.final_evaluation = False         # after training: samples, plots, held-out likelihood
   training.eps = 1e-5                       # smallest time of the continuous losses
+  # Class-conditional generation (score_sde.guidance).
+  training.objective = "score"              # score | classifier (the noise-conditional config.classifier)
+  training.label_dropout = 0.0              # P(label -> null class), model.num_classes > 0 (classifier-free guidance)
 
   # Sampling.
   config.sampling = sampling = ml_collections.ConfigDict()
@@ -46,6 +49,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.rtol = 1e-5                      # ODE sampler tolerances
   sampling.atol = 1e-5
   sampling.batch_size = 64                  # samples per snapshot / per sampling batch
+  # Guided class-conditional sampling (--mode sample; score_sde.guidance).
+  sampling.guidance = "none"                # none | classifier | classifier_free
+  sampling.guidance_scale = 1.0             # classifier: gamma (1: p(x|y)); classifier_free: w (0: p(x|y))
+  sampling.class_labels = ()                # sample i has class class_labels[i % n]; (): class i mod C
+  sampling.classifier_workdir = ""          # the run of a training.objective="classifier" config (classifier guidance)
 
   # Evaluation.
   config.eval = evaluate = ml_collections.ConfigDict()
@@ -117,13 +125,13 @@ def get_default_configs() -> ml_collections.ConfigDict:
   model.normalization = "InstanceNorm++"    # ncsn*: InstanceNorm++ | InstanceNorm | VarianceNorm | GroupNorm
   model.nonlinearity = "swish"              # swish | elu | relu | lrelu (NCSN configs: elu)
   model.interpolation = "bilinear"          # ncsn*: bilinear | bilinear_align_corners | nearest_neighbor
-  model.num_classes = 0                     # ncsn: its number of noise levels (= num_scales); 0: derived
+  model.num_classes = 0                     # mlp, unet: classes (0: unconditional); ncsn: noise levels (0: num_scales)
   model.remat = False                       # ncsnpp, ddpm, unet, ncsn*: recompute block activations on the backward pass
   model.dtype = "float32"                   # ncsnpp, ddpm, unet: compute dtype, float32 | bfloat16 (parameters stay float32)
 
   # Noise-conditional classifier of class-conditional sampling (models.classifier.get_classifier).
   config.classifier = classifier = ml_collections.ConfigDict()
-  classifier.name = "wideresnet"
+  classifier.name = "wideresnet"            # wideresnet (images) | mlp (vectors)
   classifier.depth = 28                     # 6 n + 4 (n blocks per group); WRN-28-10 is the original's
   classifier.widen_factor = 10              # models.classifier.small_wide_resnet: depth 10, width 2, 32 freqs
   classifier.num_classes = 10
@@ -131,6 +139,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   classifier.fourier_scale = 16.0
   classifier.input_mean = ()                # per-channel input normalisation; () for none
   classifier.input_std = ()                 # (the original used models.classifier.CIFAR10_MEAN / _STD)
+  classifier.hidden_dims = (128, 128)       # mlp (classifier of vectors): widths of its residual blocks
 
   # Optimisation.
   config.optim = optim = ml_collections.ConfigDict()

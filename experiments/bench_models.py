@@ -54,7 +54,7 @@ def measure(name: str, variant: str, batch: int, steps: int) -> dict:
   shape = train.example_shape(config)
   init_state, train_fn, _ = train.build_step_fns(config, sde, model, shape)
   state = jax.jit(init_state)(jax.random.key(0))
-  images = jax.random.uniform(jax.random.key(1), (batch, *shape))
+  images = {"image": jax.random.uniform(jax.random.key(1), (batch, *shape)), "label": jnp.zeros((batch,), jnp.int32)}
   step = jax.jit(train_fn, donate_argnums=1)
   # Compilation, timed apart from the steps.
   start = time.perf_counter()

@@ -132,6 +132,21 @@ class GaussianMixture:
     log_n, _, _ = self._components(x, alpha, sigma)
     return jax.nn.logsumexp(log_n + jnp.log(self.weights)[None], axis=1)
 
+  def component_logits(self, x: Array, t=None, sde: sde_lib.SDE | None = None) -> Array:
+    """log w_k + log N(x; alpha_t mu_k, alpha_t^2 Sigma_k + sigma_t^2 I), (B, K).
+
+    The logits of the posterior over components: softmax over k is p_t(k | x), the exact
+    noise-conditional classifier of the component label.
+    """
+    alpha, sigma = self._coeffs(sde, t, x.shape[0])
+    log_n, _, _ = self._components(x, alpha, sigma)
+    return log_n + jnp.log(self.weights)[None]
+
+  def component(self, k: int) -> "GaussianMixture":
+    """Component k alone, as a one-component mixture (its score is the class-conditional score of k)."""
+    return dataclasses.replace(self, weights=jnp.ones((1,), jnp.float32), means=self.means[k:k + 1],
+                               eigvals=self.eigvals[k:k + 1], eigvecs=self.eigvecs[k:k + 1])
+
   def score(self, x: Array, t=None, sde: sde_lib.SDE | None = None) -> Array:
     """grad_x log p_t(x), shaped like x."""
     alpha, sigma = self._coeffs(sde, t, x.shape[0])

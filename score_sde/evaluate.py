@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 
 from score_sde import checkpoints
 from score_sde import datasets
+from score_sde import guidance
 from score_sde import likelihood as likelihood_lib
 from score_sde import losses
 from score_sde import parallel
@@ -136,11 +137,12 @@ def sample(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, out
   The sampler is ``config.sampling`` (method and options); batches of ``config.sampling.batch_size``
   are sharded over the devices. Writes ``out_dir/samples_<step>.npz`` (``samples`` in data space,
   (N, ...)) and ``out_dir/samples_<step>.png`` (an image grid, or a scatter plot over held-out
-  points for 2-D data).
+  points for 2-D data). Class-conditional sampling (``sampling.guidance``, ``sampling.class_labels``;
+  see ``guidance.sampling_score_fns``) also writes the classes, ``labels`` (N,), to the .npz.
 
   Returns:
-    {"samples": (N, ...) numpy, "nfe": score evaluations per sample, "step", "npz", "png",
-    "non_finite": samples with a non-finite entry}.
+    {"samples": (N, ...) numpy, "labels": (N,) classes or None, "nfe": score evaluations per sample,
+    "step", "npz", "png", "non_finite": samples with a non-finite entry}.
   """
   mesh = parallel.make_mesh(devices)
   batch = config.sampling.batch_size
@@ -148,19 +150,23 @@ def sample(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, out
   num_samples = int(num_samples or config.eval.num_samples)
   if num_samples < 1:
     raise ValueError(f"num_samples must be positive, got {num_samples}; set --config.eval.num_samples.")
-  sde, _, score_fn, step = train.restore_for_inference(config, workdir, step=step, devices=devices)
+  sde, model, score_fn, step = train.restore_for_inference(config, workdir, step=step, devices=devices)
+  score_fn_for = guidance.sampling_score_fns(config, sde, model, score_fn, devices=devices)
   run = _sample_program(config, sde, mesh)
   key = _key(config, _SAMPLE)
   rounds = math.ceil(num_samples / batch)
-  progress, chunks, nfe = _Progress("sampling", rounds * batch, "samples"), [], 0
+  progress, chunks, label_chunks, nfe = _Progress("sampling", rounds * batch, "samples"), [], [], 0
   for r in range(rounds):
-    x, nfe = run(key, score_fn, jnp.int32(r * batch))
+    fn, labels = score_fn_for(r * batch, batch)
+    x, nfe = run(key, fn, jnp.int32(r * batch))
     chunks.append(_gather(x))
+    label_chunks.append(labels)
     progress.update((r + 1) * batch)
   samples = np.concatenate(chunks)[:num_samples]
+  labels = None if label_chunks[0] is None else np.concatenate(label_chunks)[:num_samples]
   out_dir = epath.Path(out_dir)
   npz, png = out_dir / f"samples_{step}.npz", out_dir / f"samples_{step}.png"
-  _write_npz(npz, samples=samples)
+  _write_npz(npz, samples=samples, **({} if labels is None else {"labels": labels}))
   if jax.process_index() == 0:
     if samples.ndim == 4:
       visualize.save_image_grid(png, samples[:min(len(samples), 256)])
@@ -171,7 +177,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, out
   non_finite = int(np.sum(~np.all(np.isfinite(samples.reshape(len(samples), -1)), axis=1)))
   logging.info("%d samples of step %d (%d score evaluations each, %d non-finite): %s, %s", len(samples), step,
                int(nfe), non_finite, npz, png)
-  return {"samples": samples, "nfe": int(nfe), "step": step, "npz": str(npz), "png": str(png),
+  return {"samples": samples, "labels": labels, "nfe": int(nfe), "step": step, "npz": str(npz), "png": str(png),
           "non_finite": non_finite}
 
 

@@ -26,6 +26,13 @@ Denoising score matching (Song et al. 2021, eq. 7). With x_t = alpha_t x_0 + sig
 Discrete losses of the original (labels i ~ U{0, ..., N-1}, the score called at t_i = i / (N - 1)):
 DDPM for VP (the noise table sqrt(1 - alphabar_i)) and SMLD for VE (the sigma table).
 
+Class-conditional training. ``get_class_conditional_loss_fn`` trains s_theta(x, t | y) with any of
+the losses above on batches {"image", "label"}, replacing each label by the null class with
+probability ``label_dropout`` so that one network also learns the unconditional score
+(classifier-free guidance, Ho & Salimans 2022). ``get_classifier_loss_fn`` trains a
+noise-conditional classifier p_phi(y | x_t, t) by cross-entropy on x_t = alpha_t x_0 + sigma_t z,
+t ~ U(eps, T), for classifier guidance.
+
 Per-example reduction: mean over dimensions (``reduce_mean``) or 0.5 * sum (the original's
 default); then a plain ``jnp.mean`` over the batch, so every function here runs unchanged under
 ``jax.jit`` with a sharded batch (no device axis is ever named).
@@ -194,6 +201,86 @@ def _discrete_loss_fn(noise_table: np.ndarray, signal_table: np.ndarray, n: int,
   return loss_fn
 
 
+def get_class_conditional_loss_fn(make_loss_fn: Callable[[ScoreFnBuilder], LossFn], build_score_fn: Callable, *,
+                                  num_classes: int, label_dropout: float = 0.0) -> LossFn:
+  """A score-matching loss of a class-conditional network, on batches {"image", "label"}.
+
+  Each label y in {0..C-1} is replaced by the null class C with probability ``label_dropout``
+  (Ho & Salimans 2022), then bound to the network, and ``make_loss_fn``'s loss runs on the images
+  with the rest of the key: ``k_drop, k_loss = split(key)``. With ``label_dropout = 1`` the loss is
+  therefore exactly the unconditional (null-class) model's loss under ``k_loss``. A label outside
+  [0, C) makes the loss NaN (the training loop stops and names the step), never a wrong class.
+
+  Args:
+    make_loss_fn: ``make_loss_fn(build_score_fn) -> loss_fn(key, params, images)``, e.g.
+      ``lambda b: get_loss_fn(sde, b, train=True)``.
+    build_score_fn: ``build_score_fn(params, key, train, class_labels=y) -> score_fn``
+      (``models.wrapper.get_score_fn_builder``).
+    num_classes: C; the null class is C.
+    label_dropout: probability of training on the null class instead of the label, in [0, 1].
+
+  Returns:
+    ``loss_fn(key, params, {"image": (B, ...), "label": (B,) int}) -> (loss, aux)``.
+  """
+  if num_classes < 1:
+    raise ValueError(f"Class-conditional training needs num_classes >= 1, got {num_classes}; set "
+                     f"config.model.num_classes.")
+  if not 0.0 <= label_dropout <= 1.0:
+    raise ValueError(f"label_dropout is a probability in [0, 1], got {label_dropout}; set "
+                     f"config.training.label_dropout (0.1-0.2 is usual for classifier-free guidance).")
+
+  def loss_fn(key: Array, params: Params, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+    k_drop, k_loss = jax.random.split(key)
+    y = batch["label"]
+    y = jnp.where((y >= 0) & (y < num_classes), y, -1)  # -1 embeds as NaN
+    y = jnp.where(jax.random.bernoulli(k_drop, label_dropout, y.shape), num_classes, y)
+    bound = lambda p, k, train: build_score_fn(p, k, train, class_labels=y)
+    return make_loss_fn(bound)(k_loss, params, batch["image"])
+
+  return loss_fn
+
+
+def get_classifier_loss_fn(sde: sde_lib.SDE, build_logit_fn: Callable, *, train: bool, eps: float = 1e-5) -> LossFn:
+  """Cross-entropy of a noise-conditional classifier on perturbed data, for every SDE.
+
+  L(phi) = E_t E_{x_0, y} E_z [ -log softmax(f_phi(x_t, t))_y ],  x_t = alpha_t x_0 + sigma_t z,
+  t ~ U(eps, T): the classifier learns p(y | x_t) at every noise level a sampler visits. (Under
+  VE, sigma_t is log-uniform on [sigma(eps), sigma_max].)
+
+  Args:
+    sde: the forward SDE (that of the score model the classifier will guide).
+    build_logit_fn: ``build_logit_fn(params, key, train) -> logit_fn(x, t) (B, num_classes)``
+      (``models.wrapper.get_logit_fn_builder``).
+    train: passed to ``build_logit_fn``.
+    eps: smallest time, 0 < eps < T.
+
+  Returns:
+    ``loss_fn(key, params, {"image": (B, ...), "label": (B,) int}) -> (loss, aux)``; aux holds
+    ``per_example`` and ``t`` (B,) and ``metrics`` {"accuracy": ()} (of the batch, at its times).
+    A label outside [0, num_classes) makes its loss NaN.
+  """
+  if not 0 < eps < sde.T:
+    raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps}; set config.training.eps.")
+
+  def loss_fn(key: Array, params: Params, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+    k_t, k_z, k_model = jax.random.split(key, 3)
+    x_0, y = batch["image"], batch["label"]
+    # Perturb the data at t ~ U(eps, T) and classify.
+    t = jax.random.uniform(k_t, (x_0.shape[0],), minval=eps, maxval=sde.T)
+    z = jax.random.normal(k_z, x_0.shape, x_0.dtype)
+    mean, std = sde.marginal_prob(x_0, t)
+    logits = build_logit_fn(params, k_model, train)(mean + sde_lib.batch_mul(std, z), t)
+    # Cross-entropy; NaN for a label outside the classes.
+    valid = (y >= 0) & (y < logits.shape[-1])
+    log_p = jax.nn.log_softmax(logits)
+    per_example = -jnp.take_along_axis(log_p, jnp.where(valid, y, 0)[:, None], axis=1)[:, 0]
+    per_example = jnp.where(valid, per_example, jnp.nan)
+    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == y).astype(jnp.float32))
+    return jnp.mean(per_example), {"per_example": per_example, "t": t, "metrics": {"accuracy": accuracy}}
+
+  return loss_fn
+
+
 def _check_discrete(sde: sde_lib.SDE, table: str, loss: str) -> None:
   if not hasattr(sde, table):
     raise ValueError(f"The {loss} loss needs an SDE with the table {table!r}, which {type(sde).__name__} "
@@ -355,7 +442,8 @@ def get_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, tra
   non-finite losses are the caller's to check (``metrics["loss"]``). With ``"skip"``, a step whose
   loss or gradient norm is not finite keeps the parameters, optimiser state and EMA as they were
   (the step count still advances, so the next step draws fresh randomness), decided on device,
-  and ``metrics["skipped"]`` is 1 for it (0 otherwise).
+  and ``metrics["skipped"]`` is 1 for it (0 otherwise). Evaluation also reports the scalars of the
+  loss's ``aux["metrics"]``, if any (a classifier's accuracy).
 
   Args:
     loss_fn: ``loss_fn(key, params, batch) -> (loss, aux)``.
@@ -381,8 +469,8 @@ def get_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, tra
 
   def one_step(key: Array, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Array]]:
     if not train:
-      loss, _ = loss_fn(key, state.ema_params, batch)
-      return state, {"loss": loss}
+      loss, aux = loss_fn(key, state.ema_params, batch)
+      return state, {"loss": loss, **aux.get("metrics", {})}
     (loss, _), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(key, state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -2,6 +2,13 @@
 
     result = train.train(config, workdir)      # trains to config.training.n_iters, or resumes
     sde, model, score_fn, step = train.restore_for_inference(config, workdir)
+    sde, classifier, logit_fn, step = train.restore_classifier(config, classifier_workdir)
+
+``training.objective`` picks what is trained: ``score`` (a score network, ``config.model``; with
+``model.num_classes`` > 0 class-conditional, with ``training.label_dropout`` for classifier-free
+guidance) or ``classifier`` (the noise-conditional classifier of ``config.classifier``, by
+cross-entropy on perturbed data; its eval metrics are loss and accuracy). Both see batches of images
+and labels and share everything else below.
 
 The loop (Song et al. 2021, ``run_lib.train``) on ``jax.jit`` with a mesh over every device of
 every host: the global batch is sharded over the mesh, the train state is replicated (or, with
@@ -16,7 +23,7 @@ Workdir::
     config.json              the resolved config (rewritten on every start; changes are warned about)
     checkpoints/<step>       regular checkpoints (training.snapshot_freq, kept by keep_checkpoints)
     checkpoints-meta/<step>  the newest preemption checkpoint (training.snapshot_freq_for_preemption)
-    tensorboard/             scalars training_loss, grad_norm, lr, eval_loss, skipped_steps (process 0)
+    tensorboard/             scalars training_loss, grad_norm, lr, eval_loss (+ eval_accuracy), skipped_steps (process 0)
     samples/step_<step>.png  snapshot samples (an image grid, or a scatter plot of 2-D data) and .npz
 
 Every step count in logs, files and errors is the train state's step after the update: "step s" is
@@ -67,9 +74,13 @@ from score_sde import parallel
 from score_sde import sampling
 from score_sde import sde as sde_lib
 from score_sde import visualize
+from score_sde.models import classifier as classifier_lib
 from score_sde.models import wrapper
 
 Array = jax.Array
+
+# What a run trains (``config.training.objective``).
+OBJECTIVES = ("score", "classifier")
 
 _FREQS = ("log_freq", "eval_freq", "snapshot_freq", "snapshot_freq_for_preemption")
 
@@ -94,6 +105,16 @@ def build_sde(config: ml_collections.ConfigDict) -> sde_lib.SDE:
   parameters = inspect.signature(sde_lib.SDES[name]).parameters
   kwargs = {p: config.model[p] for p in parameters if p != "N" and p in config.model}
   return sde_lib.get_sde(name, N=config.model.num_scales, **kwargs)
+
+
+def build_network(config: ml_collections.ConfigDict):
+  """The network of ``config.training.objective``: the score network ``config.model`` or the classifier
+  ``config.classifier`` (``models.classifier.get_classifier``)."""
+  objective = config.training.objective
+  if objective not in OBJECTIVES:
+    raise ValueError(f"Unknown training.objective {objective!r}; valid choices: {list(OBJECTIVES)}. Set "
+                     f"config.training.objective.")
+  return classifier_lib.get_classifier(config) if objective == "classifier" else models.get_model(config)
 
 
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -141,6 +162,10 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   if t.nonfinite not in losses.NONFINITE_POLICIES:
     raise ValueError(f"training.nonfinite={t.nonfinite!r} is not one of {list(losses.NONFINITE_POLICIES)}; set "
                      f"--config.training.nonfinite=stop (stop at a non-finite loss) or skip (drop that update).")
+  if t.objective not in OBJECTIVES:
+    raise ValueError(f"Unknown training.objective {t.objective!r}; valid choices: {list(OBJECTIVES)}.")
+  if t.objective == "classifier" and t.snapshot_sampling:
+    raise ValueError("A classifier run has no samples to snapshot; set config.training.snapshot_sampling=False.")
   if int(k) != k or k < 1:
     raise ValueError(f"training.n_jitted_steps must be a positive integer, got {k}.")
   for name in _FREQS:
@@ -162,31 +187,49 @@ def build_step_fns(config: ml_collections.ConfigDict, sde: sde_lib.SDE, model, e
                    ) -> tuple[Callable, Callable, Callable]:
   """The pure programs of training, before any sharding: ``(init_state, train_fn, eval_fn)``.
 
-  ``init_state(key) -> TrainState``; ``train_fn(key, state, images) -> (state, metrics)`` and
-  ``eval_fn(key, state, images) -> mean eval loss`` take batches in [0, 1] data space of shape
-  (B, *example), or (n_jitted_steps, B, *example), and apply the data scaler themselves.
+  ``init_state(key) -> TrainState``; ``train_fn(key, state, batch) -> (state, metrics)`` and
+  ``eval_fn(key, state, batch) -> {"loss": mean eval loss, ...}`` (a classifier's also
+  ``accuracy``) take batches {"image": [0, 1] data (B, *example), "label": int (B,)}, or with a
+  leading axis n_jitted_steps, and apply the data scaler themselves. Labels are used by classifiers
+  and class-conditional score networks (``model.num_classes`` > 0) and ignored otherwise.
   """
   t = config.training
   optimizer = build_optimizer(config)
   scaler = datasets.get_data_scaler(config.data.centered)
-  build_score_fn = wrapper.get_score_fn_builder(sde, model, continuous=t.continuous)
-  loss_options = dict(continuous=t.continuous, reduce_mean=t.reduce_mean, likelihood_weighting=t.likelihood_weighting,
-                      importance_weighting=t.importance_weighting, eps=t.eps)
-  train_step = losses.get_step_fn(losses.get_loss_fn(sde, build_score_fn, train=True, **loss_options), optimizer,
-                                  train=True, ema_rate=config.model.ema_rate, ema_warmup=config.model.ema_warmup,
-                                  n_jitted_steps=t.n_jitted_steps, nonfinite=t.nonfinite)
-  eval_step = losses.get_step_fn(losses.get_loss_fn(sde, build_score_fn, train=False, **loss_options), optimizer,
-                                 train=False, n_jitted_steps=t.n_jitted_steps)
+  if t.objective == "classifier":
+    build_logit_fn = wrapper.get_logit_fn_builder(sde, model)
+    make_loss = lambda train: losses.get_classifier_loss_fn(sde, build_logit_fn, train=train, eps=t.eps)
+    labelled = True
+  else:
+    build_score_fn = wrapper.get_score_fn_builder(sde, model, continuous=t.continuous)
+    loss_options = dict(continuous=t.continuous, reduce_mean=t.reduce_mean,
+                        likelihood_weighting=t.likelihood_weighting, importance_weighting=t.importance_weighting,
+                        eps=t.eps)
+    make_loss = lambda train: losses.get_loss_fn(sde, build_score_fn, train=train, **loss_options)
+    num_classes = wrapper.num_classes_of(model)
+    labelled = num_classes > 0
+    if labelled:
+      make_loss = lambda train: losses.get_class_conditional_loss_fn(
+          lambda builder: losses.get_loss_fn(sde, builder, train=train, **loss_options), build_score_fn,
+          num_classes=num_classes, label_dropout=t.label_dropout)
+  train_step = losses.get_step_fn(make_loss(True), optimizer, train=True, ema_rate=config.model.ema_rate,
+                                  ema_warmup=config.model.ema_warmup, n_jitted_steps=t.n_jitted_steps,
+                                  nonfinite=t.nonfinite)
+  eval_step = losses.get_step_fn(make_loss(False), optimizer, train=False, n_jitted_steps=t.n_jitted_steps)
   input_shape = (1,) + tuple(example)
 
   def init_state(key: Array) -> losses.TrainState:
     return losses.init_train_state(wrapper.init_model(key, model, input_shape)["params"], optimizer)
 
-  def train_fn(key: Array, state: losses.TrainState, images: Array):
-    return train_step(key, state, scaler(images))
+  def inputs(batch: dict[str, Array]) -> Any:
+    x = scaler(batch["image"])
+    return {"image": x, "label": batch["label"]} if labelled else x
 
-  def eval_fn(key: Array, state: losses.TrainState, images: Array) -> Array:
-    return jnp.mean(eval_step(key, state, scaler(images))[1]["loss"])
+  def train_fn(key: Array, state: losses.TrainState, batch: dict[str, Array]):
+    return train_step(key, state, inputs(batch))
+
+  def eval_fn(key: Array, state: losses.TrainState, batch: dict[str, Array]) -> dict[str, Array]:
+    return jax.tree.map(jnp.mean, eval_step(key, state, inputs(batch))[1])
 
   return init_state, train_fn, eval_fn
 
@@ -328,7 +371,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
 
   Returns:
     A dict: ``step`` (the final step), ``state`` (the final ``losses.TrainState``), ``history``
-    ({"training_loss" | "grad_norm" | "lr" | "eval_loss": [(step, value), ...]} of this call),
+    ({"training_loss" | "grad_norm" | "lr" | "eval_loss" (| "eval_accuracy" of a classifier):
+    [(step, value), ...]} of this call),
     ``training_loss`` and ``eval_loss`` (the last logged values, or None), ``preempted`` (a SIGTERM
     stopped the run after saving ``step``), ``skipped_steps`` (non-finite steps skipped by this
     call; "skipped_steps" is then also in ``history``, with ``training.nonfinite = "skip"``), the
@@ -385,7 +429,7 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
 
   # SDE, network, optimiser, losses and data.
   sde = build_sde(config)
-  model = models.get_model(config)
+  model = build_network(config)
   lr_schedule = losses.get_lr_schedule(config.optim.lr, config.optim.warmup)
   train_ds, eval_ds = datasets.get_dataset(config)
   inverse_scaler = datasets.get_data_inverse_scaler(config.data.centered)
@@ -438,13 +482,13 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
                            "eval_data": eval_ds.iterator_state(eval_it), "window": window.to_json()}
 
   def scalar(name: str, step: int, value: float) -> None:
-    history[name].append((step, value))
+    history.setdefault(name, []).append((step, value))
     if writer is not None:
       writer.add_scalar(name, value, step)
 
   for step in range(start + k, last_step + 1, k):
     # One compiled call: k optimiser steps on a sharded global batch.
-    batch = parallel.shard_batch(next(train_it)["image"], mesh, batch_axis)
+    batch = parallel.shard_batch(_step_inputs(next(train_it)), mesh, batch_axis)
     state, metrics = p_train(train_key, state, batch)
     window.add(step, metrics)
     if progress.step is None:
@@ -470,12 +514,14 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
         skipped_note = f", {skipped} step(s) skipped (non-finite)" if skipped else ""
       logging.info("step %d/%d: training_loss %.5g, grad_norm %.4g, lr %.3g%s | %s", step, last_step,
                    loss, grad_norm, lr, skipped_note, progress.line(step))
-    # Eval: the EMA's loss on a held-out batch.
+    # Eval: the EMA's loss (and a classifier's accuracy) on a held-out batch.
     if step % t.eval_freq == 0:
-      eval_batch = parallel.shard_batch(next(eval_it)["image"], mesh, batch_axis)
-      eval_loss = float(p_eval(eval_key, state, eval_batch))
-      scalar("eval_loss", step, eval_loss)
-      logging.info("step %d: eval_loss %.5g", step, eval_loss)
+      eval_batch = parallel.shard_batch(_step_inputs(next(eval_it)), mesh, batch_axis)
+      eval_metrics = {f"eval_{name}": float(value)
+                      for name, value in jax.device_get(p_eval(eval_key, state, eval_batch)).items()}
+      for name, value in eval_metrics.items():
+        scalar(name, step, value)
+      logging.info("step %d: %s", step, ", ".join(f"{name} {value:.5g}" for name, value in eval_metrics.items()))
     # Checkpoints: the regular and preemption series (asynchronous).
     if (save_due or step == last_step) and ckpt.save(step, state, host_state_of(),
                                                      force=preempted or step == last_step):
@@ -502,6 +548,11 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
           "checkpoint_dir": str(workdir / checkpoints.REGULAR_DIR), "samples": sample_paths, **timing}
 
 
+def _step_inputs(element: dict[str, Any]) -> dict[str, Any]:
+  """The parts of a pipeline element the train and eval programs take."""
+  return {"image": element["image"], "label": element["label"]}
+
+
 def _snapshot_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, model, mesh: jax.sharding.Mesh,
                  sample_key: Array, train_ds: datasets.Pipeline, eval_ds: datasets.Pipeline, inverse_scaler: Callable,
                  workdir: epath.Path) -> Callable[[int, losses.TrainState], str]:
@@ -521,8 +572,12 @@ def _snapshot_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, model, mes
     reference = np.asarray(next(eval_ds.make_iterator())["image"]).reshape(-1, shape[1])
   is_host0 = jax.process_index() == 0
 
+  num_classes = wrapper.num_classes_of(model)  # a class-conditional network draws sample i of class i mod C
+  class_labels = np.arange(shape[0]) % num_classes if num_classes else None
+
   def snapshot(step: int, state: losses.TrainState) -> str:
-    score_fn = wrapper.get_score_fn(sde, model, {"params": state.ema_params}, continuous=config.training.continuous)
+    score_fn = wrapper.get_score_fn(sde, model, {"params": state.ema_params}, continuous=config.training.continuous,
+                                    class_labels=class_labels)
     samples = p_sample(jax.random.fold_in(sample_key, step), score_fn)
     samples = np.asarray(inverse_scaler(multihost_utils.process_allgather(samples, tiled=True)))
     path = workdir / "samples" / f"step_{step}.png"
@@ -560,6 +615,10 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str | epat
   Returns:
     ``(sde, model, score_fn, step)``; ``score_fn(x (B, ...), t (B,))`` is a ``wrapper.ScoreFunction``.
   """
+  if config.training.objective != "score":
+    raise ValueError(f"{workdir} holds a {config.training.objective} run, not a score model; guide a score model's "
+                     f"sampling with it through config.sampling.classifier_workdir, or restore it with "
+                     f"train.restore_classifier.")
   sde = build_sde(config)
   model = models.get_model(config)
   replicated = parallel.replicated(parallel.make_mesh(devices))
@@ -569,6 +628,37 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str | epat
     ema_params, restored_step = checkpoints.restore_ema_params(workdir, abstract, step=step)
   score_fn = wrapper.get_score_fn(sde, model, {"params": ema_params}, continuous=config.training.continuous)
   return sde, model, score_fn, restored_step
+
+
+def restore_classifier(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
+                       step: int | None = None, devices: list[jax.Device] | None = None
+                       ) -> tuple[sde_lib.SDE, Any, wrapper.LogitFunction, int]:
+  """The SDE, classifier and EMA logit function of a classifier run's checkpoint (``objective="classifier"``).
+
+  Args:
+    config: the classifier run's config (shapes must match the checkpoint's).
+    workdir: the classifier run's directory.
+    step: the checkpoint's step; None takes the newest one that restores.
+    devices: where to place the parameters (default: every device of every host).
+
+  Returns:
+    ``(sde, classifier, logit_fn, step)``; ``logit_fn(x (B, ...), t (B,)) -> (B, num_classes)``.
+
+  Raises:
+    ValueError: for a config whose ``training.objective`` is not ``classifier``.
+    FileNotFoundError: for a workdir without checkpoints.
+  """
+  if config.training.objective != "classifier":
+    raise ValueError(f"restore_classifier needs a classifier run's config (training.objective='classifier'), got "
+                     f"{config.training.objective!r}.")
+  sde = build_sde(config)
+  classifier = build_network(config)
+  replicated = parallel.replicated(parallel.make_mesh(devices))
+  shapes = wrapper.init_model(jax.random.key(0), classifier, (1,) + example_shape(config), shape_only=True)["params"]
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+  with _quiet_orbax():
+    ema_params, restored_step = checkpoints.restore_ema_params(workdir, abstract, step=step)
+  return sde, classifier, wrapper.get_logit_fn(sde, classifier, {"params": ema_params}), restored_step
 
 
 def import_checkpoint(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, source: str, *,

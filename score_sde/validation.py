@@ -11,11 +11,13 @@ from typing import Iterable
 import ml_collections
 
 from score_sde import datasets
+from score_sde import guidance
 from score_sde import likelihood
 from score_sde import losses
 from score_sde import models
 from score_sde import sampling
 from score_sde import sde as sde_lib
+from score_sde import train
 from score_sde.sampling import correctors
 
 _OPTIMIZERS = ("adam", "adamw")
@@ -45,6 +47,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice("eval.divergence", evaluate.divergence, likelihood.DIVERGENCES)
   _choice("optim.optimizer", config.optim.optimizer, _OPTIMIZERS, lower=True)
   _choice("training.nonfinite", training.nonfinite, losses.NONFINITE_POLICIES)
+  _choice("training.objective", training.objective, train.OBJECTIVES)
+  _choice("sampling.guidance", sample.guidance, guidance.GUIDANCES)
+  if not 0.0 <= training.label_dropout <= 1.0:
+    raise ValueError(f"config.training.label_dropout={training.label_dropout} is a probability; set "
+                     f"--config.training.label_dropout to a value in [0, 1] (0.1-0.2 for classifier-free guidance).")
+  if training.objective == "score":
+    guidance.check_config(config, models.get_model(config))
 
   if not training.continuous and training.sde.lower() == "subvpsde":
     raise ValueError("Discrete training (config.training.continuous=False) exists for vpsde (DDPM loss) and "

@@ -23,9 +23,12 @@ classes, embedding and the input normalisation are attributes (``CIFAR10_MEAN`` 
 reproduce the original's), and any H, W divisible by 4 and any channel count work.
 ``small_wide_resnet`` is WRN-10-2 with a 32-frequency embedding, for 8x8 to 16x16 images.
 
-Not a score network: it returns logits (B, num_classes), not an array shaped like x, so it is not in
-``models.MODELS``; ``get_classifier(config)`` builds it from ``config.classifier`` (and the names
-in ``CLASSIFIERS``).
+``MLPClassifier`` is the same idea for vectors (the toy 2-D sets): residual MLP blocks conditioned on
+the Fourier features of log sigma, then a linear layer to the logits.
+
+Not score networks: they return logits (B, num_classes), not an array shaped like x, so they are not
+in ``models.MODELS``; ``get_classifier(config)`` builds one from ``config.classifier`` (by the names
+in ``CLASSIFIERS``); ``training.objective = "classifier"`` trains it (``score_sde.train``).
 
 Parameter names are the original's (its checkpoints load as they are): ``GaussianFourierProjection_0/W``,
 ``Dense_0``, ``Dense_1`` (noise embedding), ``init_conv``, ``WideResnetGroup_{g}/WideResnetBlock_{b}/``
@@ -202,8 +205,40 @@ def small_wide_resnet(num_classes: int = 10, **overrides) -> WideResnet:
                        **overrides})
 
 
+class MLPClassifier(nn.Module):
+  """Noise-conditional classifier for vectors: (B, D) data, (B,) sigmas -> (B, num_classes) logits.
+
+      temb = Dense(SiLU(Dense(Fourier(log sigma))))    (B, 4 E)
+      h = Dense(x); h = ResidualMLPBlock(h, temb) per width; logits = Dense(SiLU(h))
+
+  Attributes:
+    hidden_dims: width of each residual block.
+    num_classes: number of classes.
+    embedding_size: Gaussian Fourier frequencies E of log sigma.
+    fourier_scale: standard deviation of the frequencies.
+  """
+
+  hidden_dims: Sequence[int] = (128, 128)
+  num_classes: int = 10
+  embedding_size: int = 32
+  fourier_scale: float = 16.0
+
+  @nn.compact
+  def __call__(self, x: Array, sigmas: Array, train: bool = False) -> Array:
+    """(B, ...) data (flattened), (B,) positive noise levels -> (B, num_classes) logits."""
+    if not self.hidden_dims:
+      raise ValueError("hidden_dims must name at least one width, e.g. (128, 128); set "
+                       "config.classifier.hidden_dims.")
+    temb = layers.NoiseLabelEmbedding(4 * self.embedding_size, "fourier", self.embedding_size,
+                                      self.fourier_scale)(sigmas)
+    h = nn.Dense(self.hidden_dims[0], kernel_init=layers.default_init())(x.reshape(x.shape[0], -1))
+    for width in self.hidden_dims:
+      h = layers.ResidualMLPBlock(width)(h, temb, train)
+    return nn.Dense(self.num_classes, kernel_init=_logits_init)(nn.silu(h))
+
+
 # Classifiers by ``config.classifier.name``.
-CLASSIFIERS: dict[str, type[nn.Module]] = {"wideresnet": WideResnet}
+CLASSIFIERS: dict[str, type[nn.Module]] = {"wideresnet": WideResnet, "mlp": MLPClassifier}
 
 
 def get_classifier(config: ml_collections.ConfigDict) -> nn.Module:
@@ -229,5 +264,5 @@ def get_classifier(config: ml_collections.ConfigDict) -> nn.Module:
   return cls(**kwargs)
 
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CLASSIFIERS", "WideResnet", "WideResnetBlock", "WideResnetGroup",
-           "get_classifier", "per_image_standardization", "small_wide_resnet"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CLASSIFIERS", "MLPClassifier", "WideResnet", "WideResnetBlock",
+           "WideResnetGroup", "get_classifier", "per_image_standardization", "small_wide_resnet"]

@@ -244,6 +244,63 @@ class NoiseLabelEmbedding(nn.Module):
     return nn.Dense(self.features, kernel_init=default_init(), dtype=self.dtype)(nn.silu(emb))
 
 
+class ClassLabelEmbedding(nn.Module):
+  """A learned vector per class label, added to the noise embedding of a class-conditional network.
+
+  Row ``num_classes`` is the "null" class: the label of the unconditional score that classifier-free
+  guidance (Ho & Salimans 2022) trains by label dropout. A label outside [0, num_classes] embeds as
+  NaN, so bad data make a non-finite loss rather than a silently wrong row (``jnp.take`` wraps
+  negative indices).
+
+  Attributes:
+    num_classes: number of classes C (the table has C + 1 rows).
+    features: width of the embedding (that of the noise embedding it is added to).
+  """
+
+  num_classes: int
+  features: int
+
+  @nn.compact
+  def __call__(self, y: Array) -> Array:
+    """(B,) integer labels in [0, num_classes] -> (B, features) float32."""
+    if not jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer):
+      raise ValueError(f"Class labels must be integers, got dtype {jnp.asarray(y).dtype}.")
+    valid = (y >= 0) & (y <= self.num_classes)
+    emb = nn.Embed(self.num_classes + 1, self.features, embedding_init=nn.initializers.normal(1.0))(
+        jnp.where(valid, y, 0))
+    return jnp.where(valid[:, None], emb, jnp.nan)
+
+
+def add_class_embedding(temb: Array | None, class_labels: Array | None, num_classes: int, features: int,
+                        batch: int) -> Array | None:
+  """``temb`` plus the class embedding of ``class_labels`` (None: the null class) when ``num_classes`` > 0.
+
+  Args:
+    temb: (B, features) noise embedding, or None for a network without one.
+    class_labels: (B,) int labels in [0, num_classes], or None (every example gets the null class).
+    num_classes: classes C of the network; 0 adds nothing (and creates no parameters).
+    features: width of the embedding.
+    batch: B.
+
+  Returns:
+    (B, features), or ``temb`` unchanged for ``num_classes == 0``.
+
+  Raises:
+    ValueError: for class labels given to an unconditional network (``num_classes == 0``).
+  """
+  if num_classes < 0 or int(num_classes) != num_classes:
+    raise ValueError(f"num_classes must be a non-negative integer (0: unconditional), got {num_classes}.")
+  if not num_classes:
+    if class_labels is not None:
+      raise ValueError("Class labels were given to an unconditional network (num_classes=0); train a "
+                       "class-conditional one with config.model.num_classes set to the number of classes.")
+    return temb
+  if class_labels is None:
+    class_labels = jnp.full((batch,), num_classes, jnp.int32)
+  emb = ClassLabelEmbedding(num_classes, features)(class_labels)
+  return emb if temb is None else temb + emb.astype(temb.dtype)
+
+
 # --- blocks of this package's small networks ----------------------------------------------------
 
 

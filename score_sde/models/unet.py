@@ -8,7 +8,9 @@
         then an Upsample except at the first level
     out = Conv3x3_0(SiLU(GN(h)))  (initialised near zero: an untrained network outputs ~0)
 
-Every ResnetBlock receives the noise-label embedding (when ``conditional``). GroupNorm's group
+Every ResnetBlock receives the noise-label embedding (when ``conditional``), plus a learned class
+embedding when ``num_classes`` > 0 (``layers.ClassLabelEmbedding``; the null class C stands for no
+label, the unconditional score of classifier-free guidance). GroupNorm's group
 count divides the channels (``layers.num_groups``), so small ``nf`` works. This network never
 divides its output by sigma (the original's ``scale_by_sigma``, which ``ncsnpp`` and ``ddpm`` offer).
 ``remat`` and ``dtype`` (off by default) trade memory or precision for speed without changing the
@@ -47,6 +49,7 @@ class UNet(nn.Module):
     remat: rematerialise every residual and attention block (``nn.remat``): less memory, more compute.
     dtype: compute dtype, ``float32`` or ``bfloat16`` (parameters, label features, normalisation
       statistics, softmax and the output stay float32).
+    num_classes: classes C of a class-conditional network (0: unconditional, no class embedding).
   """
 
   nf: int = 64
@@ -61,15 +64,18 @@ class UNet(nn.Module):
   resamp_with_conv: bool = True
   remat: bool = False
   dtype: str = "float32"
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, x: Array, labels: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, labels: Array, train: bool = False, class_labels: Array | None = None) -> Array:
     """Applies the network.
 
     Args:
       x: (B, H, W, C) noisy images.
       labels: (B,) float noise labels (see ``models.wrapper`` for their conventions).
       train: enables dropout (needs a ``dropout`` rng).
+      class_labels: (B,) int classes in [0, num_classes] (num_classes: the null class), or None for
+        the null class; only for ``num_classes > 0``.
 
     Returns:
       (B, H, W, C): predicted noise or score, depending on the SDE's convention.
@@ -90,6 +96,7 @@ class UNet(nn.Module):
     if self.conditional:
       temb = layers.NoiseLabelEmbedding(4 * self.nf, self.embedding_type, self.nf, self.fourier_scale,
                                         dtype=dtype)(labels)
+    temb = layers.add_class_embedding(temb, class_labels, self.num_classes, 4 * self.nf, x.shape[0])
     # Downsampling path, keeping every activation for the skip connections.
     h = x if self.centered else 2.0 * x - 1.0
     h = h if dtype is None else h.astype(dtype)

@@ -40,11 +40,23 @@ Two forms of score function, both ``ScoreFunction`` objects (pytrees):
   fields; an SDE hashes by identity, so reuse the same SDE object).
 * ``get_score_fn_builder(...)`` returns ``build_score_fn(params, key, train)``, the form the losses
   take: ``params`` is the trainable pytree (``variables["params"]``), ``key`` feeds dropout.
+
+Class-conditional networks (``num_classes`` C > 0: ``mlp``, ``unet``) take int class labels in
+[0, C], C being the null class (no label: the unconditional score of classifier-free guidance).
+``get_score_fn(..., class_labels=y)`` binds them as a pytree leaf, so s(x, t | y) keeps the sampler
+interface ``score_fn(x, t)`` and new labels of the same shape do not recompile; a ``ScoreFunction``
+also takes them per call, ``score_fn(x, t, y)`` (what ``guidance.classifier_free_guided_score``
+uses). Without labels a class-conditional network gives the unconditional score.
+
+Noise-conditional classifiers (``models.classifier``) become *logit functions* the same way,
+``get_logit_fn(sde, classifier, variables)(x, t) -> (B, num_classes)``: the classifier sees the
+marginal std sigma_t of the SDE at t (the original's ``ve_noise_scale``, for every SDE).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -52,6 +64,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from score_sde import sde as sde_lib
@@ -151,6 +164,7 @@ class ScoreFunction(struct.PyTreeNode):
     continuous: the network was trained with continuous time (else on the discrete table).
     key: dropout key, used when ``train``.
     train: run the network in training mode (dropout on).
+    class_labels: (B,) int class labels bound to a class-conditional network, or None.
   """
 
   variables: Variables
@@ -159,22 +173,73 @@ class ScoreFunction(struct.PyTreeNode):
   continuous: bool = struct.field(pytree_node=False)
   key: Array | None = None
   train: bool = struct.field(pytree_node=False, default=False)
+  class_labels: Array | None = None
 
-  def __call__(self, x: Array, t: Array) -> Array:
-    """The score s(x, t) for x (B, ...) and t (B,) (a scalar is broadcast); shaped like x."""
+  def __call__(self, x: Array, t: Array, class_labels: Array | None = None) -> Array:
+    """The score s(x, t [| y]) for x (B, ...) and t (B,) (a scalar is broadcast); shaped like x.
+
+    ``class_labels`` (B,) (default: the bound ``self.class_labels``) condition a class-conditional
+    network; None gives its unconditional score.
+    """
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
     t = jnp.broadcast_to(jnp.asarray(t, dtype), x.shape[:1])
     param = get_parameterisation(self.sde)
     labels, sigma = (param.continuous if self.continuous else param.discrete)(self.sde, t)
     rngs = None if self.key is None else {"dropout": self.key}
-    out = self.model.apply(self.variables, x, labels, train=self.train, rngs=rngs)
+    y = self.class_labels if class_labels is None else class_labels
+    kwargs = {} if y is None else {"class_labels": y}
+    out = self.model.apply(self.variables, x, labels, train=self.train, rngs=rngs, **kwargs)
     if param.output == "noise":
       return sde_lib.batch_mul(-1.0 / sigma, out)
     return out
 
 
+def num_classes_of(model: nn.Module) -> int:
+  """The classes C of a class-conditional network (one whose ``__call__`` takes ``class_labels``), else 0.
+
+  (NCSN's ``num_classes`` counts noise levels, not classes: it takes no class labels, so it is 0 here.)
+  """
+  if "class_labels" not in inspect.signature(type(model).__call__).parameters:
+    return 0
+  return int(getattr(model, "num_classes", 0))
+
+
+def check_class_labels(labels: Any, num_classes: int, *, allow_null: bool = False,
+                       what: str = "class labels") -> Array:
+  """Class labels as an int32 array, checked where their values are known (not under a trace).
+
+  Args:
+    labels: (B,) integers.
+    num_classes: C of the network or classifier; 0 (unconditional) is an error.
+    allow_null: also accept the null class C (the unconditional score).
+    what: how the error names the labels (e.g. the config key that sets them).
+
+  Returns:
+    The labels, (B,) int32.
+
+  Raises:
+    ValueError: for an unconditional network, non-integer or non-1-D labels, or values outside
+      [0, C) ([0, C] with ``allow_null``).
+  """
+  if num_classes < 1:
+    raise ValueError(f"{what} were given, but the network is unconditional (num_classes=0); train a "
+                     f"class-conditional one with config.model.num_classes set to the number of classes.")
+  if isinstance(labels, jax.core.Tracer):
+    return labels.astype(jnp.int32)
+  array = np.asarray(labels)
+  if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
+    raise ValueError(f"{what} must be a 1-D array of integers (one per example), got shape {array.shape} "
+                     f"and dtype {array.dtype}.")
+  top = num_classes if allow_null else num_classes - 1
+  if array.size and (array.min() < 0 or array.max() > top):
+    raise ValueError(f"{what} must lie in [0, {top}] ({num_classes} classes"
+                     f"{f'; {num_classes} is the null class' if allow_null else ''}), got values from "
+                     f"{array.min()} to {array.max()}.")
+  return jnp.asarray(array, jnp.int32)
+
+
 def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, *, continuous: bool,
-                 train: bool = False, key: Array | None = None) -> ScoreFunction:
+                 train: bool = False, key: Array | None = None, class_labels: Any = None) -> ScoreFunction:
   """The score function of ``model`` with ``variables``, under the original's conventions.
 
   Args:
@@ -184,6 +249,8 @@ def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, *, co
     continuous: the network was trained in continuous time (else on the discrete DDPM / SMLD table).
     train: training mode (dropout on); needs ``key``.
     key: dropout key.
+    class_labels: (B,) int labels in [0, C] to bind to a class-conditional network (C: the null
+      class); None leaves it unconditional.
 
   Returns:
     A pytree ``ScoreFunction``; ``score_fn(x (B, ...), t (B,))`` returns the score shaped like x.
@@ -194,8 +261,10 @@ def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, *, co
                      "parameter tree as {'params': params}, or use get_score_fn_builder for losses.")
   if train and key is None:
     raise ValueError("train=True runs dropout and needs a PRNG key; pass key=..., or train=False.")
+  if class_labels is not None:
+    class_labels = check_class_labels(class_labels, num_classes_of(model), allow_null=True)
   return ScoreFunction(variables=variables, model=model, sde=sde, continuous=continuous,
-                       key=key if train else None, train=train)
+                       key=key if train else None, train=train, class_labels=class_labels)
 
 
 def get_score_fn_builder(sde: sde_lib.SDE, model: nn.Module, *, continuous: bool,
@@ -210,19 +279,66 @@ def get_score_fn_builder(sde: sde_lib.SDE, model: nn.Module, *, continuous: bool
   Returns:
     ``build_score_fn(params, key, train)``: ``params`` is the trainable tree
     (``variables["params"]``, e.g. ``TrainState.params``), ``key`` a dropout key used when
-    ``train``. It returns a ``ScoreFunction``.
+    ``train``, and the keyword ``class_labels`` (B,) binds class labels (see ``get_score_fn``).
+    It returns a ``ScoreFunction``.
   """
   _check(sde, model, continuous)
   constants = {name: c for name, c in (variables or {}).items() if name != "params"}
 
-  def build_score_fn(params: Params, key: Array | None, train: bool) -> ScoreFunction:
+  def build_score_fn(params: Params, key: Array | None, train: bool, class_labels: Any = None) -> ScoreFunction:
     if isinstance(params, Mapping) and "params" in params:
       raise ValueError("build_score_fn takes the trainable tree variables['params'], not the whole "
                        "variables dict; pass variables['params'].")
     return get_score_fn(sde, model, {**constants, "params": params}, continuous=continuous, train=train,
-                        key=key)
+                        key=key, class_labels=class_labels)
 
   return build_score_fn
+
+
+class LogitFunction(struct.PyTreeNode):
+  """A noise-conditional classifier as ``logit_fn(x (B, ...), t (B,)) -> (B, num_classes)`` logits.
+
+  The classifier sees the marginal std sigma_t of ``sde`` at t (the original's ``ve_noise_scale``,
+  the right input for every SDE: x_t = alpha_t x_0 + sigma_t z). A pytree like ``ScoreFunction``:
+  ``variables`` are leaves, ``model`` and ``sde`` static.
+
+  Attributes:
+    variables: flax variables of ``model``.
+    model: the classifier, ``model.apply(variables, x, sigmas, train=...)``.
+    sde: the SDE whose noise the classifier was trained on.
+  """
+
+  variables: Variables
+  model: nn.Module = struct.field(pytree_node=False)
+  sde: sde_lib.SDE = struct.field(pytree_node=False)
+
+  def __call__(self, x: Array, t: Array) -> Array:
+    """Logits (B, num_classes) of x (B, ...) at t (B,) (a scalar is broadcast)."""
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    t = jnp.broadcast_to(jnp.asarray(t, dtype), x.shape[:1])
+    return self.model.apply(self.variables, x, self.sde.alpha_sigma(t)[1], train=False)
+
+
+def get_logit_fn(sde: sde_lib.SDE, classifier: nn.Module, variables: Variables) -> LogitFunction:
+  """The noise-conditional ``classifier`` with ``variables`` as a ``LogitFunction`` of (x, t) under ``sde``."""
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    raise ValueError("variables must be the flax variables dict {'params': params, ...}.")
+  return LogitFunction(variables=variables, model=classifier, sde=sde)
+
+
+def get_logit_fn_builder(sde: sde_lib.SDE, classifier: nn.Module
+                         ) -> Callable[[Params, Array | None, bool], LogitFunction]:
+  """``build_logit_fn(params, key, train) -> logit_fn``, the form ``losses.get_classifier_loss_fn`` takes.
+
+  ``key`` and ``train`` are accepted for a common signature with score-function builders; the
+  classifier has no dropout.
+  """
+
+  def build_logit_fn(params: Params, key: Array | None, train: bool) -> LogitFunction:
+    del key, train
+    return get_logit_fn(sde, classifier, {"params": params})
+
+  return build_logit_fn
 
 
 def _init(key: Array, model: nn.Module, shape: tuple[int, ...]) -> Variables:
@@ -258,5 +374,6 @@ def count_params(variables: Any) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(variables))
 
 
-__all__ = ["PARAMETERISATIONS", "Parameterisation", "ScoreFunction", "count_params", "get_parameterisation",
-           "get_score_fn", "get_score_fn_builder", "init_model"]
+__all__ = ["LogitFunction", "PARAMETERISATIONS", "Parameterisation", "ScoreFunction", "check_class_labels",
+           "count_params", "get_logit_fn", "get_logit_fn_builder", "get_parameterisation", "get_score_fn",
+           "get_score_fn_builder", "init_model", "num_classes_of"]
