@@ -94,8 +94,9 @@ def _nan_from(monkeypatch, first, last=None):
   def with_nan(batch, mesh, batch_axis=0):
     calls[0] += 1
     if first <= calls[0] <= (last or calls[0]):
-      batch = np.array(batch)
-      batch[0, 0] = np.nan
+      image = np.array(batch["image"])
+      image[0, 0] = np.nan
+      batch = {**batch, "image": image}
     return shard_batch(batch, mesh, batch_axis)
 
   monkeypatch.setattr(parallel, "shard_batch", with_nan)
