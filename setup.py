@@ -39,6 +39,10 @@ setup(
         "test": [
             "pytest>=8,<10",
             "pytest-timeout>=2.3,<3",
+            "pytest-xdist>=3.6,<4",
+            "nbformat>=5.10,<6",
+            "nbclient>=0.10,<0.11",
+            "ipykernel>=6.29,<8",
         ],
     },
 )

@@ -1,0 +1,13 @@
+"""notebooks/digits.ipynb runs top to bottom (with small settings) and is stored without outputs."""
+
+from tests import notebooks
+
+NAME = "digits.ipynb"
+
+
+def test_stored_without_outputs():
+  notebooks.check_stored_without_outputs(NAME)
+
+
+def test_runs_top_to_bottom(tmp_path, monkeypatch):
+  notebooks.run(NAME, {"N_ITERS": "20", "NUM_STEPS": "20"}, tmp_path, monkeypatch)
