@@ -20,34 +20,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 import orbax.checkpoint as ocp
 
 from score_sde import checkpoints
 from score_sde import losses
 from score_sde import parallel
 from score_sde import train
+from tests.test_train import compilation_cache_dir  # noqa: F401  (autouse: a compilation cache for this module)
 from tests.test_train import toy_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAULTY = {"training.snapshot_sampling": False, "training.eval_freq": 1000, "training.nonfinite": "skip",
           "training.max_skipped": 2}  # checkpoints: regular at 4 and 8, preemption at 2 and 6
 
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache_dir(tmp_path_factory):
-  """A persistent compilation cache for this module only."""
-  old = {name: getattr(jax.config, name) for name in ("jax_compilation_cache_dir",
-                                                    "jax_persistent_cache_min_compile_time_secs",
-                                                    "jax_persistent_cache_min_entry_size_bytes")}
-  compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  compilation_cache.reset_cache()
-  yield
-  for name, value in old.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
 
 
 # --- Non-finite losses ---------------------------------------------------------------------------
