@@ -39,11 +39,18 @@ pipeline seed only orders and augments them). Digits are scikit-learn's 8x8 ``lo
 same digits, split alike, each inked in a colour of ``DIGITS_PALETTE`` fixed per digit (colour
 images that need no download, e.g. for colourisation). TFDS sets are read
 with ``tfds.data_source`` (ArrayRecord; no TensorFlow in the training process; preparing a set
-needs TensorFlow once, see ``tfds_source``); CelebA and LSUN are centre-cropped first, as in the
-original (``CroppedSource``); FFHQ / CelebA-HQ are StyleGAN dataset-tool TFRecords read without
-TensorFlow (``TFRecordSource``) or folders of images, and ``image_folder`` is any folder of images.
-Images whose size differs from ``image_size`` are
-resized with PIL (bilinear, antialiased when shrinking) on uint8, so they stay 8-bit and
+needs TensorFlow once, see ``tfds_source``); FFHQ / CelebA-HQ are StyleGAN dataset-tool TFRecords
+read without TensorFlow (``TFRecordSource``) or folders of images, and ``image_folder`` is any
+folder of images. Sources yield images as stored.
+
+Preparation. Each entry of ``IMAGE_DATASETS`` pairs a source with its rule, a function
+(uint8 (H, W, C), image_size) -> uint8 (image_size, image_size, C) that the pipeline applies to
+every image not already (image_size, image_size) (those pass untouched). The rules follow the
+original per data set: ``prepare_resize`` (CIFAR-10, SVHN, FFHQ, CelebA-HQ, folders, digits)
+resizes bilinearly; ``prepare_celeba`` takes the central 140 x 140 square, then ``resize_small``
+(the shorter side to image_size); ``prepare_lsun`` at 128 resizes the shorter side to 128, then takes
+the central 128 x 128, and at other sizes takes the central square, then resizes bicubically. They
+run with PIL on uint8 (bilinear and bicubic antialiased when shrinking), so images stay 8-bit and
 dequantisation and bits/dim stay meaningful (the original resized floats).
 """
 
@@ -283,35 +290,12 @@ def tfds_source(name: str, split: str, data_dir: str | None = None) -> Sequence[
         f"(TensorFlow is not needed for training).") from e
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class CroppedSource:
-  """``source`` with each image centre-cropped to a square: ``crop`` pixels, or the shorter side (0).
-
-  The pipeline then resizes the square to ``data.image_size`` (antialiased bilinear when shrinking).
-  """
-
-  source: Sequence[dict[str, Any]]
-  crop: int = 0
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    example = self.source[index]
-    image = np.asarray(example["image"])
-    h, w = image.shape[:2]
-    size = self.crop or min(h, w)
-    top, left = (h - size) // 2, (w - size) // 2
-    return {"image": image[top:top + size, left:left + size], "label": example.get("label", 0)}
-
-
-def _tfds_split(name: str, test_split: str, crop: int | None = None) -> Callable:
-  """A TFDS set whose held-out split is ``test_split``; images centre-cropped when ``crop`` is not None."""
+def _tfds_split(name: str, test_split: str) -> Callable[[str, str | None], Sequence[dict[str, Any]]]:
+  """A TFDS set whose held-out split is ``test_split``."""
 
   def make(split: str, data_dir: str | None) -> Sequence[dict[str, Any]]:
     _check_split(split)
-    source = tfds_source(name, test_split if split == "test" else split, data_dir)
-    return source if crop is None else CroppedSource(source, crop)
+    return tfds_source(name, test_split if split == "test" else split, data_dir)
 
   return make
 
@@ -473,47 +457,152 @@ def folder_source(split: str, data_dir: str | None, name: str = "this data set")
   return ArraySource(images, np.zeros(len(images), np.int32))
 
 
-# Image sets by name (lower case): (split, data_dir) -> source of uint8 (H, W, C) images. Held-out
-# splits and crops follow the original: CelebA's validation split, centre crop 140; LSUN's
-# validation split, centre square crop; FFHQ and CelebA-HQ from dataset-tool TFRecords (or image
-# folders) at full size; "image_folder" for any folder of images (``data.data_dir``).
-IMAGE_DATASETS: dict[str, Callable[[str, str | None], Sequence[dict[str, Any]]]] = {
-    "digits": lambda split, data_dir: digits_source(split),
-    "digits_rgb": lambda split, data_dir: digits_rgb_source(split),
-    "cifar10": functools.partial(tfds_source, "cifar10"),
-    "svhn": functools.partial(tfds_source, "svhn_cropped"),
-    "celeba": _tfds_split("celeb_a", "validation", crop=140),
-    "lsun/bedroom": _tfds_split("lsun/bedroom", "validation", crop=0),
-    "lsun/church_outdoor": _tfds_split("lsun/church_outdoor", "validation", crop=0),
-    "ffhq": functools.partial(folder_source, name="FFHQ"),
-    "celebahq": functools.partial(folder_source, name="CelebA-HQ"),
-    "image_folder": functools.partial(folder_source, name="data.dataset='image_folder'"),
+# --- Preparation: uint8 (H, W, C) -> uint8 (image_size, image_size, C) -----------------------
+# PIL on uint8 (see the module docstring). PIL's bilinear and bicubic filters widen with the scale
+# when shrinking, i.e. they are antialiased like the original's ``tf.image.resize(..., antialias=True)``.
+
+_CELEBA_CROP = 140
+
+
+def _resize(image: np.ndarray, height: int, width: int,
+            resample: PIL.Image.Resampling = PIL.Image.Resampling.BILINEAR) -> np.ndarray:
+  """A uint8 (H, W, C) image resized to (height, width, C) channel by channel; as is if already that size."""
+  if image.shape[:2] == (height, width):
+    return image
+  channels = [PIL.Image.fromarray(image[..., c]).resize((width, height), resample)
+              for c in range(image.shape[-1])]
+  return np.stack([np.asarray(c) for c in channels], -1)
+
+
+def _resize_small(image: np.ndarray, size: int) -> np.ndarray:
+  """The original's ``resize_small``: bilinear, the shorter side to ``size``.
+
+  Args:
+    image: uint8 (H, W, C).
+    size: the new shorter side.
+
+  Returns:
+    uint8 (round(H r), round(W r), C) with r = size / min(H, W) (round half to even, as ``tf.round``).
+  """
+  h, w = image.shape[:2]
+  ratio = size / min(h, w)
+  return _resize(image, round(h * ratio), round(w * ratio))
+
+
+def _central_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """The central (size, size, C) square of a (H, W, C) image: top (H - size) // 2, left (W - size) // 2."""
+  h, w = image.shape[:2]
+  if not 0 < size <= min(h, w):
+    raise ValueError(f"Cannot crop {size} x {size} pixels from an image of {h} x {w} pixels.")
+  top, left = (h - size) // 2, (w - size) // 2
+  return image[top:top + size, left:left + size]
+
+
+def prepare_resize(image: np.ndarray, image_size: int) -> np.ndarray:
+  """CIFAR-10, SVHN, FFHQ, CelebA-HQ, folders, digits: bilinear resize to (image_size, image_size).
+
+  Args:
+    image: uint8 (H, W, C).
+    image_size: the side of the square output.
+
+  Returns:
+    uint8 (image_size, image_size, C); ``image`` itself when it is already that size.
+  """
+  return _resize(image, image_size, image_size)
+
+
+def prepare_celeba(image: np.ndarray, image_size: int) -> np.ndarray:
+  """CelebA: the central 140 x 140 square, then ``resize_small`` (bilinear) to image_size.
+
+  Args:
+    image: uint8 (H, W, C) with H, W >= 140 (CelebA's aligned faces are 218 x 178).
+    image_size: the side of the square output.
+
+  Returns:
+    uint8 (image_size, image_size, C).
+  """
+  return _resize_small(_central_crop(image, _CELEBA_CROP), image_size)
+
+
+def prepare_lsun(image: np.ndarray, image_size: int) -> np.ndarray:
+  """LSUN: at 128, resize_small then central crop; at other sizes, central square crop then bicubic.
+
+  At image_size 128, ``resize_small`` (bilinear) to 128, then the central 128 x 128. At any other
+  size, the central square of side min(H, W), then a bicubic resize (antialiased when shrinking) to
+  (image_size, image_size).
+
+  Args:
+    image: uint8 (H, W, C).
+    image_size: the side of the square output.
+
+  Returns:
+    uint8 (image_size, image_size, C); ``image`` itself when it is already that size.
+  """
+  if image_size == 128:
+    return _central_crop(_resize_small(image, 128), 128)
+  square = _central_crop(image, min(image.shape[:2]))
+  return _resize(square, image_size, image_size, PIL.Image.Resampling.BICUBIC)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSet:
+  """An image data set: where its examples come from and how each image is brought to ``image_size``.
+
+  Attributes:
+    source: (split, data_dir) -> random-access examples {"image": uint8 (H, W, C), "label": int}
+      (a missing label reads as 0).
+    prepare: (uint8 (H, W, C), image_size) -> uint8 (image_size, image_size, C).
+  """
+
+  source: Callable[[str, str | None], Sequence[dict[str, Any]]]
+  prepare: Callable[[np.ndarray, int], np.ndarray] = prepare_resize
+
+
+# Image sets by name (lower case). Held-out splits and preparation follow the original: CIFAR-10 and
+# SVHN resized (bilinear); CelebA's validation split, central crop 140 then resize_small; LSUN's
+# validation split, resize_small then central crop at 128, else central square crop then bicubic
+# resize; FFHQ and CelebA-HQ from dataset-tool TFRecords (or image folders), resized only when their
+# size differs from image_size; "image_folder" for any folder of images (``data.data_dir``).
+IMAGE_DATASETS: dict[str, ImageSet] = {
+    "digits": ImageSet(lambda split, data_dir: digits_source(split)),
+    "digits_rgb": ImageSet(lambda split, data_dir: digits_rgb_source(split)),
+    "cifar10": ImageSet(functools.partial(tfds_source, "cifar10")),
+    "svhn": ImageSet(functools.partial(tfds_source, "svhn_cropped")),
+    "celeba": ImageSet(_tfds_split("celeb_a", "validation"), prepare_celeba),
+    "lsun/bedroom": ImageSet(_tfds_split("lsun/bedroom", "validation"), prepare_lsun),
+    "lsun/church_outdoor": ImageSet(_tfds_split("lsun/church_outdoor", "validation"), prepare_lsun),
+    "ffhq": ImageSet(functools.partial(folder_source, name="FFHQ")),
+    "celebahq": ImageSet(functools.partial(folder_source, name="CelebA-HQ")),
+    "image_folder": ImageSet(functools.partial(folder_source, name="data.dataset='image_folder'")),
 }
 
 
 # --- Pipeline ---------------------------------------------------------------------------------
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-  """Bilinear resize (antialiased when shrinking) of a uint8 (H, W, C) image to (size, size, C)."""
-  channels = [PIL.Image.fromarray(image[..., c]).resize((size, size), PIL.Image.Resampling.BILINEAR)
-              for c in range(image.shape[-1])]
-  return np.stack([np.asarray(c) for c in channels], -1)
+def _read(source: Sequence[dict[str, Any]], ids: np.ndarray, image_size: int | None,
+          prepare: Callable[[np.ndarray, int], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """Examples ``ids`` (M,) of ``source`` as data (M, ...) float32 ([0, 1] for uint8 images) and labels (M,).
 
-
-def _read(source: Sequence[dict[str, Any]], ids: np.ndarray,
-          image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
-  """Examples ``ids`` (M,) of ``source`` as data (M, ...) float32 ([0, 1] for uint8 images) and labels."""
+  uint8 images not already (image_size, image_size) go through ``prepare``; those that are, pass
+  untouched (an ``ArraySource`` at the size is indexed and scaled without a per-image step).
+  """
   if isinstance(source, ArraySource):
     images, labels = source.images[ids], source.labels[ids]
   else:
     examples = [source[int(i)] for i in ids]
     images = [np.asarray(example["image"]) for example in examples]
-    labels = np.array([example["label"] for example in examples])
+    labels = np.array([example.get("label", 0) for example in examples])
   if images[0].dtype != np.uint8:
     return np.asarray(images, np.float32), labels.astype(np.int32)
-  if image_size is not None:
-    images = [image if image.shape[:2] == (image_size, image_size) else _resize(image, image_size)
-              for image in images]
+  size = (image_size, image_size)
+  if image_size is not None and not (isinstance(images, np.ndarray) and images.shape[1:3] == size):
+    prepared = [image if image.shape[:2] == size else prepare(image, image_size) for image in images]
+    for image, out in zip(images, prepared):
+      if out.shape[:2] != size or out.dtype != np.uint8:
+        raise ValueError(f"The preparation rule {getattr(prepare, '__name__', prepare)!r} made a {out.dtype} "
+                         f"{out.shape} image of a {image.shape} one; a rule must return uint8 "
+                         f"({image_size}, {image_size}, C).")
+    images = prepared
   return np.stack(images).astype(np.float32) / 255.0, labels.astype(np.int32)
 
 
@@ -548,6 +637,7 @@ class _Batches:
   process_index: int
   process_count: int
   image_size: int | None
+  prepare: Callable[[np.ndarray, int], np.ndarray]
   random_flip: bool
   dequantize: bool
   shuffle_seed: int
@@ -569,7 +659,7 @@ class _Batches:
     data = np.zeros(ids.shape + self.element_shape, np.float32)
     label = np.zeros(ids.shape, np.int32)
     if mask.any():
-      images, labels = _read(self.source, ids[mask], self.image_size)
+      images, labels = _read(self.source, ids[mask], self.image_size, self.prepare)
       if self.random_flip or self.dequantize:
         # Keyed by (example, epoch): the same draw whatever the batch size or number of hosts.
         for i, (example, e) in enumerate(zip(ids[mask], epoch[mask])):
@@ -665,8 +755,9 @@ class Pipeline:
 
 
 def build_pipeline(source: Sequence[dict[str, Any]], *, name: str, batch_size: int, training: bool,
-                   seed: int, image_size: int | None = None, random_flip: bool = False,
-                   uniform_dequantization: bool = False, n_jitted_steps: int = 1,
+                   seed: int, image_size: int | None = None,
+                   prepare: Callable[[np.ndarray, int], np.ndarray] = prepare_resize,
+                   random_flip: bool = False, uniform_dequantization: bool = False, n_jitted_steps: int = 1,
                    process_index: int | None = None, process_count: int | None = None,
                    density: analytic.GaussianMixture | None = None,
                    read_options: grain.ReadOptions | None = None) -> Pipeline:
@@ -678,7 +769,9 @@ def build_pipeline(source: Sequence[dict[str, Any]], *, name: str, batch_size: i
     batch_size: the global batch, over all hosts.
     training: an infinite shuffled stream, else one ordered pass padded with ``mask=False``.
     seed: orders and augments the examples (with ``name``).
-    image_size: resize uint8 images to (image_size, image_size); None keeps their size.
+    image_size: bring uint8 images to (image_size, image_size) with ``prepare``; None keeps their size.
+    prepare: (uint8 (H, W, C), image_size) -> uint8 (image_size, image_size, C), applied to images not
+      already that size, e.g. ``IMAGE_DATASETS[name].prepare`` (default ``prepare_resize``: bilinear).
     random_flip: flip images horizontally with probability 1/2.
     uniform_dequantization: (x 255 + U[0, 1)) / 256 on 8-bit images.
     n_jitted_steps: stack this many batches per element on a leading axis (when > 1).
@@ -706,11 +799,11 @@ def build_pipeline(source: Sequence[dict[str, Any]], *, name: str, batch_size: i
                      f"config.data.uniform_dequantization=False.")
   shuffle_seed, augment_seed = (int(s) for s in
                                 np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(2))
-  element_shape = _read(source, np.zeros(1, int), image_size)[0].shape[1:]
+  element_shape = _read(source, np.zeros(1, int), image_size, prepare)[0].shape[1:]
   batches = _Batches(
       source=source, element_shape=element_shape, training=training, per_host=per_host,
       n_jitted_steps=n_jitted_steps, process_index=process_index, process_count=process_count,
-      image_size=image_size, random_flip=random_flip, dequantize=uniform_dequantization,
+      image_size=image_size, prepare=prepare, random_flip=random_flip, dequantize=uniform_dequantization,
       shuffle_seed=shuffle_seed, augment_seed=augment_seed)
   if training:
     num_batches = None
@@ -767,11 +860,12 @@ def get_dataset(config: ml_collections.ConfigDict, *, evaluation: bool = False,
 
   if name in TOY_DATASETS:
     sources = {split: toy_source(name, split, data.num_train) for split in ("train", "test")}
-    image_size = None
+    image_size, prepare = None, prepare_resize
     density = toy_density(name) if name in _TOY_DENSITIES else None
   elif name in IMAGE_DATASETS:
-    sources = {split: IMAGE_DATASETS[name](split, data.data_dir) for split in ("train", "test")}
-    image_size, density = data.image_size, None
+    image_set = IMAGE_DATASETS[name]
+    sources = {split: image_set.source(split, data.data_dir) for split in ("train", "test")}
+    image_size, prepare, density = data.image_size, image_set.prepare, None
     channels = np.asarray(sources["train"][0]["image"]).shape[-1]
     if channels != data.num_channels:
       raise ValueError(f"{data.dataset} images have {channels} channel(s); set "
@@ -782,8 +876,8 @@ def get_dataset(config: ml_collections.ConfigDict, *, evaluation: bool = False,
 
   build = functools.partial(
       build_pipeline, batch_size=batch_size, training=not evaluation, seed=seed, image_size=image_size,
-      uniform_dequantization=dequantize, n_jitted_steps=n_jitted, process_index=process_index,
-      process_count=process_count, density=density)
+      prepare=prepare, uniform_dequantization=dequantize, n_jitted_steps=n_jitted,
+      process_index=process_index, process_count=process_count, density=density)
   train = build(sources["train"], name=f"{name}/train", random_flip=data.random_flip and not evaluation)
   held_out = build(sources["test"], name=f"{name}/test")
   return train, held_out

@@ -300,6 +300,88 @@ def test_celeba_is_centre_cropped_to_140_then_resized():
   np.testing.assert_array_equal(np.round(batch["image"][0] * 255).astype(np.uint8), expected)
 
 
+def _lsun_with_pil(image, size):
+  """The original's LSUN rule written with PIL on whole RGB images: the expected output."""
+  h, w = image.shape[:2]
+  if size == 128:  # resize_small to 128 (bilinear), then the central 128 x 128
+    ratio = 128 / min(h, w)
+    small = np.asarray(PIL.Image.fromarray(image).resize((round(w * ratio), round(h * ratio)),
+                                                         PIL.Image.Resampling.BILINEAR))
+    top, left = (small.shape[0] - 128) // 2, (small.shape[1] - 128) // 2
+    return small[top:top + 128, left:left + 128]
+  crop = min(h, w)  # the central square, then bicubic
+  square = image[(h - crop) // 2:(h - crop) // 2 + crop, (w - crop) // 2:(w - crop) // 2 + crop]
+  return np.asarray(PIL.Image.fromarray(square).resize((size, size), PIL.Image.Resampling.BICUBIC))
+
+
+def test_lsun_at_128_is_resize_small_then_central_crop():
+  landscape = np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+  # 150 x 200 -> shorter side 128: 128 x round(200 * 128 / 150) = 128 x 171, then columns 21..148.
+  small = np.asarray(PIL.Image.fromarray(landscape).resize((171, 128), PIL.Image.Resampling.BILINEAR))
+  np.testing.assert_array_equal(datasets.prepare_lsun(landscape, 128), small[:, 21:149])
+  portrait = np.ascontiguousarray(landscape.transpose(1, 0, 2))
+  small = np.asarray(PIL.Image.fromarray(portrait).resize((128, 171), PIL.Image.Resampling.BILINEAR))
+  np.testing.assert_array_equal(datasets.prepare_lsun(portrait, 128), small[21:149])
+
+
+def test_lsun_at_other_sizes_is_central_square_then_bicubic():
+  image = np.random.default_rng(1).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+  square = PIL.Image.fromarray(image[:, 25:175])
+  expected = np.asarray(square.resize((16, 16), PIL.Image.Resampling.BICUBIC))
+  prepared = datasets.prepare_lsun(image, 16)
+  assert prepared.shape == (16, 16, 3) and prepared.dtype == np.uint8
+  np.testing.assert_array_equal(prepared, expected)
+  assert not np.array_equal(prepared, np.asarray(square.resize((16, 16), PIL.Image.Resampling.BILINEAR)))
+  np.testing.assert_array_equal(datasets.prepare_lsun(image, 64), _lsun_with_pil(image, 64))
+
+
+def test_celeba_rule_is_central_crop_140_then_resize_small():
+  image = np.random.default_rng(2).integers(0, 256, (218, 178, 3), dtype=np.uint8)
+  crop = PIL.Image.fromarray(image[39:179, 19:159])                     # top (218 - 140) // 2, left 19
+  np.testing.assert_array_equal(datasets.prepare_celeba(image, 64),
+                                np.asarray(crop.resize((64, 64), PIL.Image.Resampling.BILINEAR)))
+  assert datasets.IMAGE_DATASETS["celeba"].prepare is datasets.prepare_celeba
+  assert all(datasets.IMAGE_DATASETS[name].prepare is datasets.prepare_lsun
+             for name in datasets.IMAGE_DATASETS if name.startswith("lsun/"))
+  assert datasets.IMAGE_DATASETS["cifar10"].prepare is datasets.prepare_resize
+
+
+def test_images_already_at_the_size_pass_untouched():
+  rng = np.random.default_rng(3)
+  for size in (16, 128):
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    for prepare in (datasets.prepare_resize, datasets.prepare_lsun):
+      np.testing.assert_array_equal(prepare(image, size), image)
+  image = rng.integers(0, 256, (140, 140, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(datasets.prepare_celeba(image, 140), image)
+  # The pipeline takes images at the size as prepared, even where the rule's crop would not fit.
+  images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+  pipeline = datasets.build_pipeline(datasets.ArraySource(images, np.zeros(6, np.int32)), name="small",
+                                     batch_size=6, training=False, seed=0, image_size=16,
+                                     prepare=datasets.prepare_celeba, process_index=0, process_count=1)
+  batch = next(pipeline.make_iterator())
+  np.testing.assert_array_equal(np.round(batch["image"] * 255).astype(np.uint8), images)
+  # A rule that does not return (image_size, image_size) images is reported.
+  with pytest.raises(ValueError, match=r"must return uint8 \(32, 32, C\)"):
+    datasets.build_pipeline(datasets.ArraySource(images, np.zeros(6, np.int32)), name="small", batch_size=6,
+                            training=False, seed=0, image_size=32, prepare=lambda image, size: image,
+                            process_index=0, process_count=1)
+
+
+@pytest.mark.parametrize("image_size", [128, 16])
+def test_lsun_through_mock_data_follows_the_original_rule(image_size):
+  config = _config("lsun/bedroom", image_size=image_size, random_flip=False)
+  config.eval.batch_size = 4
+  with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = tfds.data_source("lsun/bedroom", split="validation")   # JPEGs of random, non-square sizes
+    _, eval_ds = datasets.get_dataset(config, evaluation=True)
+    batch = next(eval_ds.make_iterator())
+    expected = np.stack([_lsun_with_pil(np.asarray(source[i]["image"]), image_size) for i in range(4)])
+  assert batch["image"].shape == (4, image_size, image_size, 3) and batch["mask"].all()
+  np.testing.assert_array_equal(batch["label"], 0)                  # LSUN has no labels
+  np.testing.assert_array_equal(np.round(batch["image"] * 255).astype(np.uint8), expected)
+
+
 def test_image_folder_data_set(tmp_path):
   rng = np.random.default_rng(0)
   for i in range(5):
