@@ -127,7 +127,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   model.interpolation = "bilinear"          # ncsn*: bilinear | bilinear_align_corners | nearest_neighbor
   model.num_classes = 0                     # mlp, unet: classes (0: unconditional); ncsn: noise levels (0: num_scales)
   model.remat = False                       # ncsnpp, ddpm, unet, ncsn*: recompute block activations on the backward pass
-  model.dtype = "float32"                   # ncsnpp, ddpm, unet: compute dtype, float32 | bfloat16 (parameters stay float32)
+  model.dtype = "float32"                   # ncsnpp, ddpm, unet, ncsn*: compute dtype float32 | bfloat16 (float32 parameters)
 
   # Noise-conditional classifier of class-conditional sampling (models.classifier.get_classifier).
   config.classifier = classifier = ml_collections.ConfigDict()

@@ -4,6 +4,7 @@ Rematerialisation must change nothing but the schedule of the backward pass: sam
 same outputs and gradients. bfloat16 compute must keep float32 parameters (so checkpoints are
 interchangeable) and a float32 output, and stay within what bfloat16 round-off allows: its unit
 round-off is 2^-9, so a few dozen layers in sequence stay well within 2^-4 relative error.
+Normalisation statistics, softmax and average pooling stay float32.
 """
 
 import functools
@@ -22,7 +23,9 @@ LABELS = jnp.asarray([0.3, 2.0])  # positive: valid continuous labels for Fourie
 # Tiny DDPM++ (BigGAN blocks, positional embedding, skip rescaling), NCSN++ (FIR, residual input
 # pyramid, Fourier features, sigma scaling) and DDPM (32-group GroupNorm, NIN shortcuts).
 # NCSN++ with num_res_blocks=0 keeps one block per level on the way up, the resampling blocks and
-# the middle: all the kinds of block, in few operations (fast to compile).
+# the middle: all the kinds of block, in few operations (fast to compile). Tiny NCSNv2 (InstanceNorm++,
+# half-pixel bilinear fusion, max-pooling CRP, sigma scaling) and NCSN v1 (conditional InstanceNorm++,
+# align-corners fusion, average-pooling CRP); LABELS round to the noise indices 0 and 2.
 NETWORKS = {
     "ddpmpp": functools.partial(ncsnpp.NCSNpp, nf=8, ch_mult=(1, 2), num_res_blocks=0, attn_resolutions=(4,),
                                 fir=False, progressive_input="none", embedding_type="positional", init_scale=0.5),
@@ -30,6 +33,8 @@ NETWORKS = {
                                 init_scale=0.5, scale_by_sigma=True),
     "ddpm": functools.partial(ddpm.DDPM, nf=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(4,)),
     "unet": functools.partial(unet.UNet, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)),
+    "ncsnv2": functools.partial(ncsnv2.NCSNv2, nf=4),
+    "ncsn": functools.partial(ncsnv2.NCSN, nf=4, interpolation="bilinear_align_corners"),
 }
 BF16_RELATIVE_ERROR = 2.0**-4
 
@@ -104,13 +109,15 @@ def test_remat_gives_the_same_outputs_and_gradients(name, blocks):
     np.testing.assert_allclose(g_remat, g, rtol=1e-4, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("name", ["ncsnpp", "ddpm"])
+@pytest.mark.parametrize("name", ["ncsnpp", "ddpm", "ncsnv2", "ncsn"])
 def test_bfloat16_computes_in_bfloat16_and_returns_float32(name):
   plain, half = NETWORKS[name](), NETWORKS[name](dtype="bfloat16")
   variables = _variables(plain)
   x = jax.random.uniform(jax.random.key(1), SHAPE)
-  # Every convolution and matrix product of the bfloat16 network takes bfloat16 operands.
+  # Every convolution and matrix product of the bfloat16 network takes bfloat16 operands; the
+  # statistics stay float32.
   assert _bfloat16_products(half, variables, x) and not _bfloat16_products(plain, variables, x)
+  assert _float32_statistics(half, variables, x)
   out, out_half = map(np.asarray, _run(lambda v, x: (plain.apply(v, x, LABELS), half.apply(v, x, LABELS)),
                                        variables, x))
   assert out_half.dtype == np.float32 and out_half.shape == SHAPE
@@ -125,18 +132,41 @@ def _bfloat16_products(model, variables, x):
   return bool(products) and all(v.aval.dtype == jnp.bfloat16 for eqn in products for v in eqn.invars)
 
 
-def test_unet_options_change_the_program_not_the_output_type():
-  plain = NETWORKS["unet"]()
+def _float32_statistics(model, variables, x):
+  """True if every sum and square root of ``model.apply`` takes float32 operands.
+
+  Sums: means and variances, softmax normalisers, average pooling. Square roots: every normalisation
+  divides by sqrt(variance + eps), which catches statistics that jnp's reductions summed in float32
+  but rounded to bfloat16.
+  """
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, LABELS))(variables, x)
+  ops = [eqn for eqn in _equations(jaxpr.jaxpr) if eqn.primitive.name in ("reduce_sum", "reduce_window_sum", "sqrt",
+                                                                          "rsqrt")]
+  return bool(ops) and all(v.aval.dtype == jnp.float32 for eqn in ops for v in eqn.invars)
+
+
+# Checked from shapes and programs only (nothing compiled): the U-Net, and the NCSNv2 sizes with the
+# normalisations that NETWORKS' InstanceNorm++ leaves out. Rematerialised blocks: the U-Net's 8
+# residual blocks (2 down, 2 middle, 4 up) and 4 attention blocks (1 down, 1 middle, 2 up at 4 px);
+# NCSNv2's two residual blocks and one RefineBlock per stage (4, 5 and 6 stages).
+@pytest.mark.parametrize("make, blocks", [
+    (NETWORKS["unet"], 8 + 4),
+    (functools.partial(ncsnv2.NCSNv2, nf=4, normalization="InstanceNorm"), 8 + 4),
+    (functools.partial(ncsnv2.NCSNv2_128, nf=4, normalization="GroupNorm"), 10 + 5),
+    (functools.partial(ncsnv2.NCSNv2_256, nf=4, normalization="VarianceNorm", interpolation="nearest_neighbor"),
+     12 + 6),
+], ids=["unet", "ncsnv2_64_instancenorm", "ncsnv2_128_groupnorm", "ncsnv2_256_variancenorm"])
+def test_options_change_the_program_not_the_output_type(make, blocks):
+  plain, remat, half = make(), make(remat=True), make(dtype="bfloat16")
   variables = _abstract_variables(plain)
   x = jax.ShapeDtypeStruct(SHAPE, jnp.float32)
-  for model in (plain, NETWORKS["unet"](remat=True), NETWORKS["unet"](dtype="bfloat16")):
+  assert _tree_signature(remat) == _tree_signature(half) == _tree_signature(plain)
+  for model in (plain, remat, half):
     out = jax.eval_shape(lambda v, x, m=model: m.apply(v, x, LABELS), variables, x)
     assert (out.shape, out.dtype) == (SHAPE, jnp.float32)
-  assert _bfloat16_products(NETWORKS["unet"](dtype="bfloat16"), variables, x)
-  assert not _bfloat16_products(plain, variables, x)
-  # 8 residual blocks (2 down, 2 middle, 4 up) and 4 attention blocks (1 down, 1 middle, 2 up at 4 px).
-  remat = NETWORKS["unet"](remat=True)
-  assert (_checkpointed_calls(plain, variables, x), _checkpointed_calls(remat, variables, x)) == (0, 8 + 4)
+  assert _bfloat16_products(half, variables, x) and not _bfloat16_products(plain, variables, x)
+  assert _float32_statistics(half, variables, x)
+  assert (_checkpointed_calls(plain, variables, x), _checkpointed_calls(remat, variables, x)) == (0, blocks)
 
 
 def _equations(jaxpr):
@@ -154,16 +184,15 @@ def _equations(jaxpr):
 def test_config_keys_reach_the_networks():
   config = default.get_default_configs()
   assert (config.model.remat, config.model.dtype) == (False, "float32")
-  for name in ("ncsnpp", "ddpm", "unet"):
+  for name in ("ncsnpp", "ddpm", "unet", "ncsn", "ncsnv2_64", "ncsnv2_128", "ncsnv2_256"):
     config.model.name, config.model.remat, config.model.dtype = name, True, "bfloat16"
     model = models.get_model(config)
     assert (model.remat, model.dtype) == (True, "bfloat16")
-  config.model.name, config.model.dtype = "ncsnv2_64", "float32"
-  assert models.get_model(config).remat
-  config.model.dtype = "bfloat16"
+  # The MLP has neither option, and refuses each rather than ignoring it.
+  config.model.name, config.model.remat, config.model.dtype = "mlp", False, "bfloat16"
   with pytest.raises(ValueError, match="no dtype option"):
     models.get_model(config)
-  config.model.name, config.model.remat, config.model.dtype = "mlp", True, "float32"
+  config.model.remat, config.model.dtype = True, "float32"
   with pytest.raises(ValueError, match="no remat option"):
     models.get_model(config)
 

@@ -18,6 +18,12 @@ imports): convolutions use PyTorch's default initialisation, weights and biases 
 RCU and CRP convolutions have no bias; every convolution is "same"-padded (padding = dilation).
 Images are NHWC (B, H, W, C); the label y is (B,) integer.
 
+Compute dtype. Every block takes a ``dtype`` (``None``: float32, or bfloat16; ``layers.compute_dtype``):
+the dtype of its convolutions, while their parameters stay float32. Activations between the layers,
+the resizing of the fusion and the max and 2x2 mean pooling follow it; the normalisers (made for the
+same dtype by the caller) compute their statistics in float32, and so does CondCRPBlock's 5x5 average
+pooling (a 25-term sum).
+
 Parameter names are flax's automatic names (``Conv_0``, ``RCUBlock_1``, ...), in the order the
 original JAX implementation created them, except inside the residual blocks, whose submodules carry
 the names of the PyTorch originals (``normalize1``, ``conv1``, ``normalize2``, ``conv2``,
@@ -28,7 +34,7 @@ maps all of them to the authors' names.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -58,7 +64,7 @@ def get_act(name: str) -> Activation:
 
 
 def conv(x: Array, features: int, kernel_size: int = 3, *, dilation: int = 1, use_bias: bool = True,
-         name: str | None = None) -> Array:
+         name: str | None = None, dtype: Any = None) -> Array:
   """A stride-1, same-padded convolution with PyTorch's initialisation, created in the calling module.
 
   Args:
@@ -68,9 +74,10 @@ def conv(x: Array, features: int, kernel_size: int = 3, *, dilation: int = 1, us
     dilation: kernel dilation (same padding keeps H and W).
     use_bias: add a bias.
     name: the submodule's name (default: flax's automatic ``Conv_k``).
+    dtype: compute dtype (``None``: the parameters' float32); the parameters stay float32.
 
   Returns:
-    (B, H, W, features).
+    (B, H, W, features), in ``dtype``.
   """
   bound = (kernel_size**2 * x.shape[-1]) ** -0.5  # 1 / sqrt(fan_in), for the kernel and the bias
 
@@ -78,7 +85,7 @@ def conv(x: Array, features: int, kernel_size: int = 3, *, dilation: int = 1, us
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return nn.Conv(features, (kernel_size, kernel_size), padding="SAME", kernel_dilation=dilation,
-                 use_bias=use_bias, kernel_init=init, bias_init=init, name=name)(x)
+                 use_bias=use_bias, kernel_init=init, bias_init=init, name=name, dtype=dtype)(x)
 
 
 def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -131,15 +138,17 @@ class ConvMeanPool(nn.Module):
   Attributes:
     features: output channels.
     kernel_size: square kernel size.
+    dtype: compute dtype (``None``: float32).
   """
 
   features: int
   kernel_size: int = 3
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """(B, H, W, C) -> (B, H/2, W/2, features)."""
-    return mean_pool(conv(x, self.features, self.kernel_size))
+    return mean_pool(conv(x, self.features, self.kernel_size, dtype=self.dtype))
 
 
 class RCUBlock(nn.Module):
@@ -150,12 +159,14 @@ class RCUBlock(nn.Module):
     n_blocks: residual units.
     n_stages: convolutions per unit.
     act: nonlinearity.
+    dtype: compute dtype (``None``: float32).
   """
 
   features: int
   n_blocks: int
   n_stages: int
   act: Activation = nn.relu
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -163,7 +174,7 @@ class RCUBlock(nn.Module):
     for _ in range(self.n_blocks):
       residual = x
       for _ in range(self.n_stages):
-        x = conv(self.act(x), self.features, use_bias=False)
+        x = conv(self.act(x), self.features, use_bias=False, dtype=self.dtype)
       x = x + residual
     return x
 
@@ -172,7 +183,7 @@ class CondRCUBlock(nn.Module):
   """RCUBlock with a conditional normalisation before each nonlinearity (NCSN v1).
 
   Attributes:
-    features, n_blocks, n_stages, act: as for ``RCUBlock``.
+    features, n_blocks, n_stages, act, dtype: as for ``RCUBlock``.
     normalizer: conditional normaliser factory (``normalization.get_normalization``).
   """
 
@@ -181,6 +192,7 @@ class CondRCUBlock(nn.Module):
   n_stages: int
   normalizer: normalization.Normalizer
   act: Activation = nn.relu
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array, y: Array) -> Array:
@@ -188,7 +200,7 @@ class CondRCUBlock(nn.Module):
     for _ in range(self.n_blocks):
       residual = x
       for _ in range(self.n_stages):
-        x = conv(self.act(self.normalizer(x.shape[-1])(x, y)), self.features, use_bias=False)
+        x = conv(self.act(self.normalizer(x.shape[-1])(x, y)), self.features, use_bias=False, dtype=self.dtype)
       x = x + residual
     return x
 
@@ -200,11 +212,13 @@ class CRPBlock(nn.Module):
     features: channels.
     n_stages: pooling stages.
     act: nonlinearity.
+    dtype: compute dtype (``None``: float32).
   """
 
   features: int
   n_stages: int
   act: Activation = nn.relu
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -212,7 +226,7 @@ class CRPBlock(nn.Module):
     x = path = self.act(x)
     for _ in range(self.n_stages):
       path = nn.max_pool(path, (5, 5), strides=(1, 1), padding="SAME")
-      path = conv(path, self.features, use_bias=False)
+      path = conv(path, self.features, use_bias=False, dtype=self.dtype)
       x = x + path
     return x
 
@@ -220,10 +234,11 @@ class CRPBlock(nn.Module):
 class CondCRPBlock(nn.Module):
   """CRPBlock with a conditional normalisation before each pooling, and 5x5 average pooling (NCSN v1).
 
-  Average pooling pads with zeros and divides by 25, as PyTorch's ``AvgPool2d`` does by default.
+  Average pooling pads with zeros and divides by 25, as PyTorch's ``AvgPool2d`` does by default; it
+  sums in float32 whatever the compute dtype.
 
   Attributes:
-    features, n_stages, act: as for ``CRPBlock``.
+    features, n_stages, act, dtype: as for ``CRPBlock``.
     normalizer: conditional normaliser factory.
   """
 
@@ -231,6 +246,7 @@ class CondCRPBlock(nn.Module):
   n_stages: int
   normalizer: normalization.Normalizer
   act: Activation = nn.relu
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array, y: Array) -> Array:
@@ -238,8 +254,9 @@ class CondCRPBlock(nn.Module):
     x = path = self.act(x)
     for _ in range(self.n_stages):
       path = self.normalizer(path.shape[-1])(path, y)
-      path = nn.avg_pool(path, (5, 5), strides=(1, 1), padding="SAME", count_include_pad=True)
-      path = conv(path, self.features, use_bias=False)
+      path = nn.avg_pool(path.astype(jnp.float32), (5, 5), strides=(1, 1), padding="SAME",
+                         count_include_pad=True).astype(path.dtype)
+      path = conv(path, self.features, use_bias=False, dtype=self.dtype)
       x = x + path
     return x
 
@@ -250,33 +267,37 @@ class MSFBlock(nn.Module):
   Attributes:
     features: output channels.
     interpolation: resize method (see ``resize``).
+    dtype: compute dtype (``None``: float32).
   """
 
   features: int
   interpolation: str = "bilinear"
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, xs: Sequence[Array], shape: Sequence[int]) -> Array:
     """Inputs (B, H_i, W_i, C_i), output size (H, W) -> (B, H, W, features)."""
-    return sum(resize(conv(x, self.features), shape, self.interpolation) for x in xs)
+    return sum(resize(conv(x, self.features, dtype=self.dtype), shape, self.interpolation) for x in xs)
 
 
 class CondMSFBlock(nn.Module):
   """MSFBlock with a conditional normalisation of each input before its convolution (NCSN v1).
 
   Attributes:
-    features, interpolation: as for ``MSFBlock``.
+    features, interpolation, dtype: as for ``MSFBlock``.
     normalizer: conditional normaliser factory.
   """
 
   features: int
   normalizer: normalization.Normalizer
   interpolation: str = "bilinear"
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, xs: Sequence[Array], y: Array, shape: Sequence[int]) -> Array:
     """Inputs (B, H_i, W_i, C_i), labels (B,), output size (H, W) -> (B, H, W, features)."""
-    return sum(resize(conv(self.normalizer(x.shape[-1])(x, y), self.features), shape, self.interpolation)
+    return sum(resize(conv(self.normalizer(x.shape[-1])(x, y), self.features, dtype=self.dtype), shape,
+                      self.interpolation)
                for x in xs)
 
 
@@ -291,6 +312,7 @@ class RefineBlock(nn.Module):
     interpolation: resize method of the fusion.
     start: a single input, no fusion (the coarsest block).
     end: three output residual units instead of one (the finest block).
+    dtype: compute dtype (``None``: float32).
   """
 
   features: int
@@ -298,24 +320,25 @@ class RefineBlock(nn.Module):
   interpolation: str = "bilinear"
   start: bool = False
   end: bool = False
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, xs: Sequence[Array]) -> Array:
     """Inputs (B, H_i, W_i, C_i), finest first -> (B, H_0, W_0, features)."""
-    hs = [RCUBlock(x.shape[-1], n_blocks=2, n_stages=2, act=self.act)(x) for x in xs]
+    hs = [RCUBlock(x.shape[-1], n_blocks=2, n_stages=2, act=self.act, dtype=self.dtype)(x) for x in xs]
     if self.start:
       h = hs[0]
     else:
-      h = MSFBlock(self.features, self.interpolation)(hs, xs[0].shape[1:3])
-    h = CRPBlock(self.features, n_stages=2, act=self.act)(h)
-    return RCUBlock(self.features, n_blocks=3 if self.end else 1, n_stages=2, act=self.act)(h)
+      h = MSFBlock(self.features, self.interpolation, dtype=self.dtype)(hs, xs[0].shape[1:3])
+    h = CRPBlock(self.features, n_stages=2, act=self.act, dtype=self.dtype)(h)
+    return RCUBlock(self.features, n_blocks=3 if self.end else 1, n_stages=2, act=self.act, dtype=self.dtype)(h)
 
 
 class CondRefineBlock(nn.Module):
   """RefineBlock built from the conditional RCU, MSF and CRP blocks (NCSN v1).
 
   Attributes:
-    features, act, interpolation, start, end: as for ``RefineBlock``.
+    features, act, interpolation, start, end, dtype: as for ``RefineBlock``.
     normalizer: conditional normaliser factory.
   """
 
@@ -325,17 +348,19 @@ class CondRefineBlock(nn.Module):
   interpolation: str = "bilinear"
   start: bool = False
   end: bool = False
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, xs: Sequence[Array], y: Array) -> Array:
     """Inputs (B, H_i, W_i, C_i), finest first, labels (B,) -> (B, H_0, W_0, features)."""
-    hs = [CondRCUBlock(x.shape[-1], 2, 2, self.normalizer, self.act)(x, y) for x in xs]
+    dtype = self.dtype
+    hs = [CondRCUBlock(x.shape[-1], 2, 2, self.normalizer, self.act, dtype)(x, y) for x in xs]
     if self.start:
       h = hs[0]
     else:
-      h = CondMSFBlock(self.features, self.normalizer, self.interpolation)(hs, y, xs[0].shape[1:3])
-    h = CondCRPBlock(self.features, 2, self.normalizer, self.act)(h, y)
-    return CondRCUBlock(self.features, 3 if self.end else 1, 2, self.normalizer, self.act)(h, y)
+      h = CondMSFBlock(self.features, self.normalizer, self.interpolation, dtype)(hs, y, xs[0].shape[1:3])
+    h = CondCRPBlock(self.features, 2, self.normalizer, self.act, dtype)(h, y)
+    return CondRCUBlock(self.features, 3 if self.end else 1, 2, self.normalizer, self.act, dtype)(h, y)
 
 
 def _residual(module: nn.Module, x: Array, norm: Callable[[str, Array], Array]) -> Array:
@@ -343,23 +368,23 @@ def _residual(module: nn.Module, x: Array, norm: Callable[[str, Array], Array]) 
 
   ``norm(name, h)`` applies the block's normaliser named ``name`` (with the label, if conditional).
   """
-  channels, out, dilation, act = x.shape[-1], module.features, module.dilation, module.act
+  channels, out, dilation, act, dtype = x.shape[-1], module.features, module.dilation, module.act, module.dtype
   if module.resample not in (None, "down"):
     raise ValueError(f"resample must be None or 'down', got {module.resample!r}.")
   down = module.resample == "down"
   h = act(norm("normalize1", x))
   # Downsampling keeps the input width in the first conv; a dilated block keeps the resolution.
-  h = conv(h, channels if down else out, dilation=dilation, name="conv1")
+  h = conv(h, channels if down else out, dilation=dilation, name="conv1", dtype=dtype)
   h = act(norm("normalize2", h))
   if down and dilation == 1:
-    h = ConvMeanPool(out, name="conv2")(h)
-    shortcut = ConvMeanPool(out, kernel_size=1, name="shortcut")(x)
+    h = ConvMeanPool(out, name="conv2", dtype=dtype)(h)
+    shortcut = ConvMeanPool(out, kernel_size=1, name="shortcut", dtype=dtype)(x)
   else:
-    h = conv(h, out, dilation=dilation, name="conv2")
+    h = conv(h, out, dilation=dilation, name="conv2", dtype=dtype)
     if not down and channels == out:
       shortcut = x
     else:  # A dilated shortcut is a 3x3 conv (as in the originals); an undilated one is 1x1.
-      shortcut = conv(x, out, 1 if dilation == 1 else 3, dilation=dilation, name="shortcut")
+      shortcut = conv(x, out, 1 if dilation == 1 else 3, dilation=dilation, name="shortcut", dtype=dtype)
   return h + shortcut
 
 
@@ -372,6 +397,7 @@ class ResidualBlock(nn.Module):
     resample: ``None`` or ``"down"`` (halve H and W, unless dilated).
     act: nonlinearity.
     dilation: dilation of the 3x3 convolutions.
+    dtype: compute dtype of the convolutions (``None``: float32).
   """
 
   features: int
@@ -379,6 +405,7 @@ class ResidualBlock(nn.Module):
   resample: str | None = None
   act: Activation = nn.elu
   dilation: int = 1
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -390,7 +417,7 @@ class ConditionalResidualBlock(nn.Module):
   """ResidualBlock whose normalisations are conditioned on an integer label (NCSN v1).
 
   Attributes:
-    features, resample, act, dilation: as for ``ResidualBlock``.
+    features, resample, act, dilation, dtype: as for ``ResidualBlock``.
     normalizer: conditional normaliser factory.
   """
 
@@ -399,6 +426,7 @@ class ConditionalResidualBlock(nn.Module):
   resample: str | None = None
   act: Activation = nn.elu
   dilation: int = 1
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array, y: Array) -> Array:

@@ -38,6 +38,12 @@ has half-pixel centres; ``interpolation='bilinear_align_corners'`` is the author
 configs use it). The authors' 28 px padding tweak only touches dilated blocks, where it has no effect,
 and is omitted.
 
+Memory and speed options (off by default, which is the authors' arithmetic): ``remat`` recomputes
+each residual block's and RefineBlock's activations on the backward pass, and ``dtype='bfloat16'``
+computes the convolutions and the activations between them in bfloat16, with float32 parameters,
+normalisation statistics (see ``models.normalization``) and output; neither changes the parameters,
+so the authors' weights load either way.
+
 Parameter counts with nf = 128 (equal to the authors' networks): NCSNv2 29,694,083; NCSNv2_128
 83,445,379; NCSNv2_256 94,132,611; NCSN v1 30,117,635 with 10 noise levels (each level adds one row,
 3C values, to each of its conditional normalisations: 39,750,659 with 232 levels, 51,379,715 with 500).
@@ -100,7 +106,8 @@ def _check_input(x: Array, stages: tuple[Stage, ...], name: str) -> None:
 
 
 def _output(module: nn.Module, h: Array, labels: Array) -> Array:
-  """h (B, H, W, C), divided by the sigma of ``labels`` (B,) if ``module.scale_by_sigma``."""
+  """h (B, H, W, C) in float32, divided by the sigma of ``labels`` (B,) if ``module.scale_by_sigma``."""
+  h = h.astype(jnp.float32)
   if not module.scale_by_sigma:
     return h
   sigma = layers.noise_levels(labels, module.continuous, module.sigma_min, module.sigma_max,
@@ -124,6 +131,8 @@ class NCSNv2(nn.Module):
     continuous: labels are sigma itself rather than indices of the descending table.
     remat: rematerialise every residual block and RefineBlock (``nn.remat``): the backward pass
       recomputes their activations (less memory, more compute; same parameters and outputs).
+    dtype: compute dtype, ``float32`` or ``bfloat16`` (parameters, normalisation statistics and the
+      output stay float32).
   """
 
   nf: int = 128
@@ -137,6 +146,7 @@ class NCSNv2(nn.Module):
   num_scales: int = 232
   continuous: bool = False
   remat: bool = False
+  dtype: str = "float32"
 
   stages: ClassVar[tuple[Stage, ...]] = ((1, False, 1), (2, True, 1), (2, True, 2), (2, True, 4))
   refine_widths: ClassVar[tuple[int, ...]] = (2, 2, 1, 1)  # coarsest RefineBlock first
@@ -157,14 +167,16 @@ class NCSNv2(nn.Module):
     del train
     _check_input(x, self.stages, type(self).__name__)
     act = ncsn_layers.get_act(self.nonlinearity)
-    norm = normalization_lib.get_normalization(self.normalization)
+    dtype = layers.compute_dtype(self.dtype)
+    norm = normalization_lib.get_normalization(self.normalization, dtype=dtype)
     h = x if self.centered else 2 * x - 1
-    h = ncsn_layers.conv(h, self.nf)
+    h = h if dtype is None else h.astype(dtype)
+    h = ncsn_layers.conv(h, self.nf, dtype=dtype)
     # ResNet backbone.
     features = []
     for width, down, dilation in self.stages:
       block = functools.partial(layers.rematerialised(ncsn_layers.ResidualBlock, self.remat), width * self.nf, norm,
-                                act=act, dilation=dilation)
+                                act=act, dilation=dilation, dtype=dtype)
       h = block(resample="down" if down else None)(h)
       h = block(resample=None)(h)
       features.append(h)
@@ -172,10 +184,10 @@ class NCSNv2(nn.Module):
     h = None
     for i, (skip, width) in enumerate(zip(reversed(features), self.refine_widths)):
       h = layers.rematerialised(ncsn_layers.RefineBlock, self.remat)(
-          width * self.nf, act, self.interpolation, start=i == 0, end=i == len(features) - 1)(
+          width * self.nf, act, self.interpolation, start=i == 0, end=i == len(features) - 1, dtype=dtype)(
               [skip] if h is None else [skip, h])
     h = act(norm(h.shape[-1])(h))
-    return _output(self, ncsn_layers.conv(h, x.shape[-1]), labels)
+    return _output(self, ncsn_layers.conv(h, x.shape[-1], dtype=dtype), labels)
 
 
 class NCSNv2_128(NCSNv2):  # pylint: disable=invalid-name
@@ -210,6 +222,8 @@ class NCSN(nn.Module):
       (defaults: the original's CIFAR-10 NCSN config).
     continuous: must be False: NCSN conditions on the noise index, so it trains discretely.
     remat: rematerialise every residual block and RefineBlock (see ``NCSNv2``).
+    dtype: compute dtype, ``float32`` or ``bfloat16`` (parameters, the conditional normalisations'
+      tables and statistics, the 5x5 average pooling and the output stay float32).
   """
 
   nf: int = 128
@@ -224,6 +238,7 @@ class NCSN(nn.Module):
   num_scales: int = 10
   continuous: bool = False
   remat: bool = False
+  dtype: str = "float32"
 
   stages: ClassVar[tuple[Stage, ...]] = NCSNv2.stages
   refine_widths: ClassVar[tuple[int, ...]] = NCSNv2.refine_widths
@@ -258,24 +273,26 @@ class NCSN(nn.Module):
                        "False), or use ncsnv2_* or ncsnpp for continuous training.")
     y = jnp.round(labels).astype(jnp.int32) if jnp.issubdtype(labels.dtype, jnp.floating) else labels
     act = ncsn_layers.get_act(self.nonlinearity)
+    dtype = layers.compute_dtype(self.dtype)
     norm = normalization_lib.get_normalization(self.normalization, conditional=True,
-                                               num_classes=self.num_levels)
+                                               num_classes=self.num_levels, dtype=dtype)
     h = x if self.centered else 2 * x - 1
-    h = ncsn_layers.conv(h, self.nf)
+    h = h if dtype is None else h.astype(dtype)
+    h = ncsn_layers.conv(h, self.nf, dtype=dtype)
     features = []
     for width, down, dilation in self.stages:
       block = functools.partial(layers.rematerialised(ncsn_layers.ConditionalResidualBlock, self.remat),
-                                width * self.nf, norm, act=act, dilation=dilation)
+                                width * self.nf, norm, act=act, dilation=dilation, dtype=dtype)
       h = block(resample="down" if down else None)(h, y)
       h = block(resample=None)(h, y)
       features.append(h)
     h = None
     for i, (skip, width) in enumerate(zip(reversed(features), self.refine_widths)):
       h = layers.rematerialised(ncsn_layers.CondRefineBlock, self.remat)(
-          width * self.nf, norm, act, self.interpolation, start=i == 0, end=i == len(features) - 1)(
-              [skip] if h is None else [skip, h], y)
+          width * self.nf, norm, act, self.interpolation, start=i == 0, end=i == len(features) - 1,
+          dtype=dtype)([skip] if h is None else [skip, h], y)
     h = act(norm(h.shape[-1])(h, y))
-    return _output(self, ncsn_layers.conv(h, x.shape[-1]), labels)
+    return _output(self, ncsn_layers.conv(h, x.shape[-1], dtype=dtype), labels)
 
 
 # --- The NCSN authors' parameter names ---------------------------------------------------------------

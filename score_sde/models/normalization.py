@@ -24,18 +24,23 @@ Initialisation as in both originals: scales (gamma, alpha) ~ N(1, 0.02^2), biase
 scale starts at 1. Parameters are vectors of shape (C,) (the JAX original stored (1, 1, 1, C); a
 checkpoint converter reshapes), and the conditional table is one (K, 3C) embedding whose columns are
 [gamma | alpha | beta], the layout of both originals' embedding.
+
+Compute dtype. Every layer takes a ``dtype`` (``None``: float32, or e.g. bfloat16, see
+``layers.compute_dtype``): the statistics, the parameters and the affine map stay float32 whatever the
+input's dtype, and only the output is cast to ``dtype``, as flax's GroupNorm does.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-# A normaliser factory: ``normalizer(num_features, name=None)`` returns a fresh layer for C channels.
+# A normaliser factory: ``normalizer(num_features, name=None)`` returns a fresh layer for C channels
+# (computing in the dtype the factory was made for).
 Normalizer = Callable[..., nn.Module]
 
 EPS = 1e-5
@@ -47,7 +52,8 @@ def _scale_init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
 
 
 def _instance_normalise(x: Array) -> tuple[Array, Array]:
-  """((x - mu) / sqrt(s2 + eps), mu (B, C)) with biased spatial statistics of x (B, H, W, C)."""
+  """((x - mu) / sqrt(s2 + eps), mu (B, C)) with biased spatial statistics of x (B, H, W, C), in float32."""
+  x = x.astype(jnp.float32)
   mu = jnp.mean(x, axis=(1, 2))
   s2 = jnp.var(x, axis=(1, 2))
   return (x - mu[:, None, None, :]) / jnp.sqrt(s2[:, None, None, :] + EPS), mu
@@ -59,14 +65,21 @@ def _standardised_channel_means(mu: Array) -> Array:
       jnp.var(mu, axis=-1, ddof=1, keepdims=True) + EPS)
 
 
+def _in_dtype(h: Array, dtype: Any) -> Array:
+  """The float32 output ``h`` of a normalisation, cast to the compute ``dtype`` (``None``: kept float32)."""
+  return h if dtype is None else h.astype(dtype)
+
+
 class InstanceNorm2d(nn.Module):
   """Instance normalisation with a learned per-channel scale and (optionally) bias.
 
   Attributes:
     bias: learn an additive bias.
+    dtype: dtype of the output (``None``: float32); statistics and parameters stay float32.
   """
 
   bias: bool = True
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -75,7 +88,7 @@ class InstanceNorm2d(nn.Module):
     h = _instance_normalise(x)[0] * self.param("scale", nn.initializers.ones, (channels,))
     if self.bias:
       h = h + self.param("bias", nn.initializers.zeros, (channels,))
-    return h
+    return _in_dtype(h, self.dtype)
 
 
 class InstanceNorm2dPlus(nn.Module):
@@ -83,9 +96,11 @@ class InstanceNorm2dPlus(nn.Module):
 
   Attributes:
     bias: learn an additive bias beta.
+    dtype: dtype of the output (``None``: float32); statistics and parameters stay float32.
   """
 
   bias: bool = True
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -97,7 +112,7 @@ class InstanceNorm2dPlus(nn.Module):
     h = gamma * (h + _standardised_channel_means(mu)[:, None, None, :] * alpha)
     if self.bias:
       h = h + self.param("beta", nn.initializers.zeros, (channels,))
-    return h
+    return _in_dtype(h, self.dtype)
 
 
 class ConditionalInstanceNorm2dPlus(nn.Module):
@@ -106,10 +121,12 @@ class ConditionalInstanceNorm2dPlus(nn.Module):
   Attributes:
     num_classes: number of label values K (for NCSN: the number of noise levels).
     bias: learn an additive bias beta per class.
+    dtype: dtype of the output (``None``: float32); statistics and the table stay float32.
   """
 
   num_classes: int
   bias: bool = True
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array, y: Array) -> Array:
@@ -131,7 +148,7 @@ class ConditionalInstanceNorm2dPlus(nn.Module):
     h = gamma[:, None, None, :] * (h + m[:, None, None, :] * alpha[:, None, None, :])
     if self.bias:
       h = h + rows[:, None, None, 2 * channels:]
-    return h
+    return _in_dtype(h, self.dtype)
 
 
 class VarianceNorm2d(nn.Module):
@@ -139,33 +156,38 @@ class VarianceNorm2d(nn.Module):
 
   Attributes:
     bias: learn an additive bias.
+    dtype: dtype of the output (``None``: float32); statistics and parameters stay float32.
   """
 
   bias: bool = False
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """(B, H, W, C) -> (B, H, W, C)."""
     channels = x.shape[-1]
+    x = x.astype(jnp.float32)
     v2 = jnp.var(x, axis=(1, 2), ddof=1, keepdims=True)
     h = x / jnp.sqrt(v2 + EPS) * self.param("scale", _scale_init, (channels,))
     if self.bias:
       h = h + self.param("bias", nn.initializers.zeros, (channels,))
-    return h
+    return _in_dtype(h, self.dtype)
 
 
-def _group_norm(num_features: int, name: str | None = None) -> nn.GroupNorm:
+def _group_norm(num_features: int, name: str | None = None, dtype: Any = None) -> nn.GroupNorm:
   # The original used flax's default of 32 groups, which fails unless 32 divides C; fall back to the
-  # largest divisor of C below 32 (the same layer wherever the original works).
+  # largest divisor of C below 32 (the same layer wherever the original works). Flax computes the
+  # statistics in float32 and casts the output to ``dtype``.
   groups = max(g for g in range(1, 33) if num_features % g == 0)
-  return nn.GroupNorm(num_groups=groups, name=name)
+  return nn.GroupNorm(num_groups=groups, name=name, dtype=dtype)
 
 
-# Unconditional normalisers by ``config.model.normalization`` (the original's names).
-NORMALIZATIONS: dict[str, Normalizer] = {
-    "InstanceNorm": lambda num_features, name=None: InstanceNorm2d(name=name),
-    "InstanceNorm++": lambda num_features, name=None: InstanceNorm2dPlus(name=name),
-    "VarianceNorm": lambda num_features, name=None: VarianceNorm2d(name=name),
+# Unconditional normalisers by ``config.model.normalization`` (the original's names), as
+# ``layer(num_features, name, dtype)``.
+NORMALIZATIONS: dict[str, Callable[..., nn.Module]] = {
+    "InstanceNorm": lambda num_features, name=None, dtype=None: InstanceNorm2d(name=name, dtype=dtype),
+    "InstanceNorm++": lambda num_features, name=None, dtype=None: InstanceNorm2dPlus(name=name, dtype=dtype),
+    "VarianceNorm": lambda num_features, name=None, dtype=None: VarianceNorm2d(name=name, dtype=dtype),
     "GroupNorm": _group_norm,
 }
 # Normalisers conditioned on an integer label (NCSN v1), by the same names.
@@ -174,7 +196,8 @@ CONDITIONAL_NORMALIZATIONS: dict[str, type[nn.Module]] = {
 }
 
 
-def get_normalization(name: str, *, conditional: bool = False, num_classes: int = 0) -> Normalizer:
+def get_normalization(name: str, *, conditional: bool = False, num_classes: int = 0,
+                      dtype: Any = None) -> Normalizer:
   """The normaliser factory named ``name``: ``normalizer(num_features, name=None) -> nn.Module``.
 
   Args:
@@ -182,6 +205,8 @@ def get_normalization(name: str, *, conditional: bool = False, num_classes: int 
       normaliser exists for ``InstanceNorm++`` only.
     conditional: condition on an integer label (the layer is then called as ``layer(x, y)``).
     num_classes: number of label values, for a conditional normaliser.
+    dtype: dtype of the layers' outputs (``None``: float32; see ``layers.compute_dtype``); their
+      statistics and parameters stay float32.
 
   Raises:
     ValueError: for an unknown name, or a conditional normaliser without ``num_classes``.
@@ -192,12 +217,13 @@ def get_normalization(name: str, *, conditional: bool = False, num_classes: int 
     raise ValueError(f"Unknown {kind} {name!r}; valid choices: {sorted(table)}. Set "
                      f"config.model.normalization to one of them.")
   if not conditional:
-    return table[name]
+    layer = table[name]
+    return lambda num_features, name=None: layer(num_features, name=name, dtype=dtype)
   if num_classes < 1:
     raise ValueError(f"A conditional normalization needs num_classes >= 1 label values, got "
                      f"{num_classes}.")
   cls = table[name]
-  return lambda num_features, name=None: cls(num_classes=num_classes, name=name)
+  return lambda num_features, name=None: cls(num_classes=num_classes, name=name, dtype=dtype)
 
 
 __all__ = ["CONDITIONAL_NORMALIZATIONS", "ConditionalInstanceNorm2dPlus", "InstanceNorm2d",
