@@ -2,6 +2,9 @@
 
     python -m experiments.bench_conv [--repeats 6]
     XLA_FLAGS=--xla_cpu_use_xnnpack=false python -m experiments.bench_conv     # compare backend options
+    python -m experiments.bench_conv --passes                                  # XLA's default: YNNPACK
+    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution \
+        python -m experiments.bench_conv --passes                              # XLA's own kernels
 
 The paper networks' train step on CPU is dominated by 3x3 convolutions (experiments/README.md,
 "Paper networks"). This times forward + backward of a stack of four SAME 3x3 convolutions with
@@ -15,6 +18,12 @@ one process, alternating, so the ratios hold under any load:
 Printed: the minimum time of ``--repeats`` runs of each and the largest gradient difference from
 ``xla`` (all three compute the same function). Where PyTorch is installed, a ``torch`` row times the
 same stack with ``torch.nn.functional.conv2d`` (NCHW, oneDNN) as a reference for this machine.
+
+``--passes`` times instead the three passes of one SAME 3x3 convolution at batch 8 for the
+resolutions and widths of DDPM++ / NCSN++ cont.: forward, input gradient and weight gradient, each
+its own jitted program, alternating; printed as milliseconds and GFLOP/s (2 B H W 9 C_in C_out
+floating-point operations per pass). This script does not import ``score_sde``, so ``XLA_FLAGS``
+alone decides where XLA puts the convolutions (``score_sde/xla_cpu.py``).
 """
 
 from __future__ import annotations
@@ -86,10 +95,46 @@ def _torch_gradient_fn(w: np.ndarray, x: np.ndarray):
   return fn
 
 
+# (resolution, input channels, output channels) of the 3x3 convolutions of DDPM++ / NCSN++ cont.
+PASS_SHAPES = ((32, 128, 128), (32, 256, 256), (32, 384, 128), (16, 256, 256), (8, 256, 256), (4, 256, 256))
+
+
+def time_passes(repeats: int) -> None:
+  """Forward, input-gradient and weight-gradient times of one 3x3 convolution per shape."""
+  passes = {
+      "forward": lambda x, g, w: conv_xla(x, w),
+      "input grad": lambda x, g, w: jax.vjp(lambda x: conv_xla(x, w), x)[1](g)[0],
+      "weight grad": lambda x, g, w: jax.vjp(lambda w: conv_xla(x, w), w)[1](g)[0],
+  }
+  passes = {name: jax.jit(fn) for name, fn in passes.items()}
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average {os.getloadavg()[0]:.2f}")
+  print(f"{'shape':<18} {'GFLOP':>5}" + "".join(f" {name + ' ms':>15} {'GF/s':>5}" for name in passes))
+  for size, c_in, c_out in PASS_SHAPES:
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (8, size, size, c_in))
+    g = jax.random.normal(keys[1], (8, size, size, c_out))
+    w = jax.random.normal(keys[2], (3, 3, c_in, c_out))
+    for fn in passes.values():
+      fn(x, g, w).block_until_ready()  # compiles
+    best = {name: float("inf") for name in passes}
+    for _ in range(repeats):
+      for name, fn in passes.items():
+        start = time.perf_counter()
+        fn(x, g, w).block_until_ready()
+        best[name] = min(best[name], time.perf_counter() - start)
+    gflop = 2 * 8 * size * size * 9 * c_in * c_out / 1e9
+    print(f"{size}x{size} {c_in:>3}->{c_out:<3}     {gflop:5.1f}" +
+          "".join(f" {1e3 * best[name]:15.1f} {gflop / best[name]:5.0f}" for name in passes))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=6)
+  parser.add_argument("--passes", action="store_true", help="time the three passes of one convolution per shape")
   args = parser.parse_args()
+  if args.passes:
+    time_passes(args.repeats)
+    return
   x = jax.random.normal(jax.random.key(0), (8, 32, 32, 128))
   w = jax.random.normal(jax.random.key(1), (3, 3, 128, 128)) * 0.03
   fns = {"xla": gradient_fn(conv_xla), "im2col": gradient_fn(conv_im2col), "shifted": gradient_fn(conv_shifted)}

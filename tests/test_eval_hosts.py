@@ -18,6 +18,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests import notebooks
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _WORKER = r"""
@@ -80,7 +82,7 @@ def _free_port() -> int:
 
 def _launch(out, nproc: int, devices_per_process: int, batch: int) -> list[subprocess.Popen]:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} {notebooks.FAST_COMPILE}")
   port = str(_free_port())
   return [subprocess.Popen([sys.executable, "-c", _WORKER, str(out), str(p), str(nproc), port, str(batch)],
                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

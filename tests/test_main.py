@@ -17,6 +17,7 @@ from score_sde import datasets
 from score_sde import evaluate
 from score_sde import train
 from score_sde import validation
+from tests import notebooks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,6 +28,18 @@ TINY = ("--config.training.n_iters=20", "--config.training.n_jitted_steps=2", "-
         "--config.model.hidden_dims=(32,32)", "--config.sampling.num_steps=20", "--config.sampling.batch_size=64",
         "--config.eval.num_samples=100", "--config.eval.batch_size=50", "--config.eval.likelihood_examples=100",
         "--config.data.num_train=1000")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cli_compilation_cache(tmp_path_factory):
+  """The main.py runs of this module compile fast and share a persistent compilation cache: a later
+  run (eval after train) loads the programs an earlier one compiled instead of compiling them again.
+  Their networks are tiny, so compiling, not running, is what takes their time."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("XLA_FLAGS", notebooks.FAST_COMPILE)
+    patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("cli_cache")))
+    patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    yield
 
 
 def run_main(*args, timeout=300):
