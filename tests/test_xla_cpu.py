@@ -42,3 +42,14 @@ def test_importing_the_package_moves_convolutions_off_ynnpack():
   assert _ynn_convolutions("") == 0
   # XLA's default, restored by the user's own option, puts the convolution in a YNNPACK fusion.
   assert _ynn_convolutions("--xla_cpu_experimental_ynn_fusion_type=+individual_convolution") == 1
+
+
+def test_importing_after_the_cpu_backend_started_warns_with_the_fix():
+  probe = "import jax.numpy as jnp; jnp.ones(1).block_until_ready(); import score_sde"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  run = subprocess.run([sys.executable, "-c", probe], env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=120, check=True)
+  assert "started before score_sde was imported" in run.stderr and xla_cpu.CONVOLUTIONS_TO_XLA in run.stderr
+  quiet = subprocess.run([sys.executable, "-c", "import score_sde, jax.numpy as jnp; jnp.ones(1)"],
+                         env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120, check=True)
+  assert "started before" not in quiet.stderr
