@@ -11,9 +11,11 @@ concatenate to the single-host result; and a round that only one host finished i
 """
 
 import os
+import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -64,6 +66,7 @@ for attempt in ("first", "again", "redo"):
   if pid == 0:
     written = sorted(f.name for f in rounds.iterdir() if before.get(f.name) != os.stat(f).st_mtime_ns)
     np.savez(f"{out}/{attempt}.npz", written=np.array(written, dtype=str), **result)
+  multihost_utils.sync_global_devices(attempt + " listed")  # no host touches the files while host 0 lists them
 if nproc == 1:  # the same samples in rounds of 2
   config.sampling.batch_size = 2
   run = evaluate._sample_program(config, sde, mesh, quantised=True)
@@ -80,25 +83,40 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(out, nproc: int, devices_per_process: int, batch: int) -> list[subprocess.Popen]:
+def _launch(out, nproc: int, devices_per_process: int, batch: int) -> list[tuple[subprocess.Popen, pathlib.Path]]:
+  """Starts the processes; each one's stdout and stderr go to ``out/log_<pid>.txt``."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} {notebooks.FAST_COMPILE}")
   port = str(_free_port())
-  return [subprocess.Popen([sys.executable, "-c", _WORKER, str(out), str(p), str(nproc), port, str(batch)],
-                           env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-          for p in range(nproc)]
+  launched = []
+  for p in range(nproc):
+    log = pathlib.Path(out) / f"log_{p}.txt"
+    with open(log, "w") as stream:
+      launched.append((subprocess.Popen([sys.executable, "-c", _WORKER, str(out), str(p), str(nproc), port, str(batch)],
+                                        env=env, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, text=True), log))
+  return launched
 
 
-def _finish(processes: list[subprocess.Popen], timeout: float = 240) -> None:
-  """Waits for every process; a peer that died or hangs fails the test instead of hanging it."""
+def _finish(launched: list[tuple[subprocess.Popen, pathlib.Path]], timeout: float = 240) -> None:
+  """Waits for every process. A process that fails stops the others at once (they would wait for it
+  in a collective until the timeout), and the test fails with its output."""
+  deadline = time.monotonic() + timeout
   try:
-    outputs = [p.communicate(timeout=timeout) for p in processes]
+    while True:
+      codes = [p.poll() for p, _ in launched]  # every process polled, each time
+      if None not in codes or any(code not in (None, 0) for code in codes) or time.monotonic() > deadline:
+        break
+      time.sleep(0.2)
   finally:
-    for p in processes:
+    stopped = [p.poll() is None for p, _ in launched]
+    for p, _ in launched:
       if p.poll() is None:
         p.kill()
-  for p, (stdout, stderr) in zip(processes, outputs):
-    assert p.returncode == 0 and "OK" in stdout, stderr[-4000:]
+        p.wait()
+  # The process that failed first speaks first; those stopped here only waited for it.
+  for (p, log), _ in sorted(zip(launched, stopped), key=lambda item: item[1]):
+    output = log.read_text()
+    assert p.returncode == 0 and "OK" in output, f"process exited with {p.returncode}:\n{output[-4000:]}"
 
 
 @pytest.fixture(scope="module")
