@@ -332,6 +332,25 @@ def test_upfirdn_matches_its_definition(up, down, pad):
   np.testing.assert_allclose(out, _upfirdn_reference(x, k, up, down, *pad), atol=1e-5)
 
 
+@pytest.mark.parametrize("up, down, pad", [(2, 1, (2, 1)), (1, 2, (1, 1)), (3, 2, (1, 2)), (1, 1, (-1, 2)),
+                                           (2, 1, (-1, 0)), (3, 1, (0, 3)), (2, 2, (3, -1))])
+def test_separable_upfirdn_matches_its_definition_and_its_adjoint(up, down, pad):
+  """Separable kernels take the two 1-D passes (polyphase when only upsampling)."""
+  rng = np.random.default_rng(1)
+  k = np.outer(rng.normal(size=4), rng.normal(size=4)).astype(np.float32)  # different rows and columns
+  x = rng.normal(size=(2, 6, 5, 3)).astype(np.float32)
+  out = up_or_down_sampling.upfirdn_2d(jnp.asarray(x), k, up, down, pad)
+  np.testing.assert_allclose(out, _upfirdn_reference(x, k, up, down, *pad), atol=1e-5)
+  # The gradient is the transposed linear map: columns of the reference's Jacobian, one pixel at a time.
+  small = (1, 4, 3, 1)
+  basis = np.eye(np.prod(small)).reshape(-1, *small)
+  images = [_upfirdn_reference(e, k, up, down, *pad) for e in basis]
+  jacobian = np.stack([image.ravel() for image in images])  # (in, out)
+  g = rng.normal(size=images[0].shape).astype(np.float32)
+  _, vjp = jax.vjp(lambda v: up_or_down_sampling.upfirdn_2d(v, k, up, down, pad), jnp.zeros(small, jnp.float32))
+  np.testing.assert_allclose(vjp(jnp.asarray(g))[0].ravel(), jacobian @ g.ravel(), atol=1e-5)
+
+
 def test_fir_resampling_keeps_constants_and_fuses_with_convolutions():
   rng = np.random.default_rng(1)
   ones = jnp.ones((1, 8, 8, 2))
