@@ -11,7 +11,8 @@ did (``Conv_0``, ``Dense_0``, ``GroupNorm_1``, ``NIN_3``, ...) and its checkpoin
 * GroupNorm (``num_groups``): NCSN++'s group count min(C // 4, 32), lowered to a divisor of C
   when needed (which the original never needs: there it always divides); DDPM fixes 32 groups.
   Epsilon 1e-6; the variance is computed in two passes (mean of squared deviations), which
-  matches the PyTorch port's GroupNorm more closely than E[x^2] - E[x]^2.
+  matches the PyTorch port's GroupNorm more closely than E[x^2] - E[x]^2. ``GroupNorm`` sums per
+  channel and then per group, which XLA compiles to far cheaper reductions than flax's grouped ones.
 * Noise labels are embedded either with Gaussian Fourier features of log(label) (random, frozen
   frequencies W ~ N(0, scale^2)) or with DDPM's sinusoidal position embedding of the label.
 * Resampling (``Upsample`` / ``Downsample``): nearest-neighbour copies / average pooling, or the
