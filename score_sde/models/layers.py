@@ -142,7 +142,9 @@ class GroupNorm(nn.Module):
     channels = x.shape[-1]
     if channels % self.num_groups:
       raise ValueError(f"GroupNorm with {self.num_groups} groups needs a channel count divisible by "
-                       f"{self.num_groups}, got {channels}.")
+                       f"{self.num_groups}, got {channels}; choose nf and ch_mult so that every level's "
+                       f"channels are multiples of {self.num_groups}, or a group count that divides {channels} "
+                       f"(layers.num_groups({channels}) = {num_groups(channels)}).")
     scale = self.param("scale", nn.initializers.ones, (channels,))
     bias = self.param("bias", nn.initializers.zeros, (channels,))
     h = x.astype(jnp.float32)
@@ -166,10 +168,6 @@ def group_norm(channels: int, groups: int | None = None, dtype: Any = None) -> G
   With a ``dtype`` the output has that dtype; statistics are reduced in float32 either way.
   """
   groups = num_groups(channels) if groups is None else groups
-  if channels % groups:
-    raise ValueError(f"GroupNorm with {groups} groups needs a channel count divisible by {groups}, got "
-                     f"{channels}; choose nf and ch_mult so that every level's channels are multiples of "
-                     f"{groups}.")
   return GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype)
 
 
