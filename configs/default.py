@@ -34,21 +34,39 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.objective = "score"              # score | classifier (the noise-conditional config.classifier)
   training.label_dropout = 0.0              # P(label -> null class), model.num_classes > 0 (classifier-free guidance)
 
-  # Sampling.
+  # Sampling (score_sde.sampling.get_sampler; builders.SAMPLER_FIELDS maps these fields to each method's
+  # options). Fields at 0 or "" keep the method's own default.
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = "pc"                    # pc | ode
-  sampling.predictor = "euler_maruyama"
-  sampling.corrector = "none"
+  sampling.method = "pc"                    # pc | ode | euler | heun | dpm_solver | dpm_solver++ | unipc
+  sampling.batch_size = 64                  # samples per snapshot / per sampling batch
+  sampling.eps = 1e-3                       # final time (the original used 1e-3 for VP, 1e-5 for VE)
+  sampling.noise_removal = True             # end with Tweedie's denoising step (one more score evaluation)
+  # pc: predictor-corrector.
+  sampling.predictor = "euler_maruyama"     # euler_maruyama | reverse_diffusion | ancestral_sampling | none
+  sampling.corrector = "none"               # langevin | ald | none
   sampling.snr = 0.16
-  sampling.n_steps_each = 1
-  sampling.noise_removal = True
+  sampling.n_steps_each = 1                 # corrector steps per predictor step
   sampling.probability_flow = False
   sampling.step_rule = "batch"              # Langevin step size: batch (the original) | per_sample
-  sampling.num_steps = 0                    # 0: model.num_scales
-  sampling.eps = 1e-3                       # final time (the original used 1e-3 for VP, 1e-5 for VE)
-  sampling.rtol = 1e-5                      # ODE sampler tolerances
+  sampling.num_steps = 0                    # predictor steps; 0: model.num_scales
+  # ode: the adaptive probability-flow ODE solver.
+  sampling.rtol = 1e-5
   sampling.atol = 1e-5
-  sampling.batch_size = 64                  # samples per snapshot / per sampling batch
+  sampling.ode_solver = "tsit5"             # a diffrax solver of sampling.ode.SOLVERS
+  # euler, heun, dpm_solver, dpm_solver++, unipc: fixed-budget solvers.
+  sampling.nfe = 0                          # score evaluations per sample (0: the method's default)
+  sampling.order = 0                        # 0: the method's default
+  sampling.time_grid = ""                   # uniform | quadratic | logsnr | karras ("": the method's default)
+  sampling.rho = 7.0                        # exponent of the karras grid
+  sampling.solver_type = ""                 # dpm_solver++: midpoint | taylor ("": the method's default)
+  sampling.eta = 0.0                        # dpm_solver++: 0 the ODE, 1 the SDE variant
+  sampling.lower_order_final = True         # dpm_solver++, unipc: lower orders at the last steps
+  sampling.variant = ""                     # unipc: bh1 | bh2 ("": the method's default)
+  sampling.unipc_corrector = "unic"         # unipc: unic | trapezoid | none
+  sampling.s_churn = 0.0                    # heun: EDM's stochastic churn (0: deterministic)
+  sampling.s_tmin = 0.0
+  sampling.s_tmax = float("inf")
+  sampling.s_noise = 1.0
   # Guided class-conditional sampling (--mode sample; score_sde.guidance).
   sampling.guidance = "none"                # none | classifier | classifier_free
   sampling.guidance_scale = 1.0             # classifier: gamma (1: p(x|y)); classifier_free: w (0: p(x|y))
@@ -73,11 +91,17 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.end_ckpt = 0                     # 0: every regular checkpoint present when the evaluation starts
   evaluate.wait_timeout = 0                 # seconds to wait for a checkpoint not written yet (0: do not wait)
   evaluate.bpd_repeats = 1                  # bits/dim passes, each with fresh dequantisation noise
-  evaluate.enable_sampling = False          # samples and FID / KID / IS (needs inception_path, fid_stats_path)
+  evaluate.enable_sampling = False          # samples and their quality (eval.feature_network)
+  evaluate.feature_network = ""             # "": by data set. inception: FID / KID / IS (inception_path,
+                                            # fid_stats_path); digits: FD / KID of a digits classifier's features
+                                            # and class accuracy; points (2-D sets): energy distance, sample log p
   evaluate.fid_stats_path = ""              # reference statistics (--mode fid_stats writes them)
   evaluate.inception_size = 299             # images are resized to this for the Inception network
   evaluate.kid_subsets = 100
   evaluate.kid_subset_size = 1000
+  # Sampler sweeps: entries "method[:field=value,...]" overriding config.sampling, e.g.
+  # ("pc", "ode", "dpm_solver++:nfe=10,order=2", "unipc:nfe=10"); (): the config's own sampler.
+  evaluate.samplers = ()
 
   # Data.
   config.data = data = ml_collections.ConfigDict()
@@ -89,6 +113,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   data.uniform_dequantization = False
   data.data_dir = ""                        # TFDS data directory ("" uses TFDS's default)
   data.num_train = 0                        # toy data: number of training points (0: the default)
+  data.test_fraction = 0.0                  # image folders without test/: the fraction held out (0: none)
 
   # Model.
   config.model = model = ml_collections.ConfigDict()

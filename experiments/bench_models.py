@@ -3,7 +3,7 @@
     python -m experiments.bench_models [--steps 5] [--batch 8] [--configs vp/cifar10_ddpmpp_continuous,...]
                                        [--variants default,remat,bf16]
 
-A train step is ``train.build_step_fns``'s ``train_fn`` under ``jax.jit`` with the state donated:
+A train step is ``builders.build_step_fns``'s ``train_fn`` under ``jax.jit`` with the state donated:
 data scaling, the continuous DSM loss, forward and backward pass, gradient clipping, the Adam update
 and the EMA. Each (config, variant) runs in a fresh subprocess, so its peak resident memory is its
 own. Columns:
@@ -58,16 +58,16 @@ def measure(name: str, variant: str, batch: int, steps: int) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-  from score_sde import models, train  # pylint: disable=import-outside-toplevel
+  from score_sde import builders, models  # pylint: disable=import-outside-toplevel
   from score_sde.models import wrapper  # pylint: disable=import-outside-toplevel
 
   config = importlib.import_module(f"configs.{name.replace('/', '.')}").get_config()
   config.training.batch_size, config.training.n_jitted_steps = batch, 1
   for key, value in VARIANTS[variant].items():
     config.model[key] = value
-  sde, model = train.build_sde(config), models.get_model(config)
-  shape = train.example_shape(config)
-  init_state, train_fn, _ = train.build_step_fns(config, sde, model, shape)
+  sde, model = builders.build_sde(config), models.get_model(config)
+  shape = builders.example_shape(config)
+  init_state, train_fn, _ = builders.build_step_fns(config, sde, model, shape)
   state = jax.jit(init_state)(jax.random.key(0))
   images = {"image": jax.random.uniform(jax.random.key(1), (batch, *shape)), "label": jnp.zeros((batch,), jnp.int32)}
   step = jax.jit(train_fn, donate_argnums=1)

@@ -24,7 +24,7 @@ import tempfile
 import jax
 
 from score_sde import train
-from score_sde import validation
+from score_sde import builders
 
 DEFAULT_CONFIGS = {"toy/vp_8gaussians": 2000, "toy/ve_checkerboard": 2000, "vp/digits_unet_continuous": 200}
 
@@ -35,11 +35,11 @@ def bench(name: str, steps: int) -> dict:
   k = t.n_jitted_steps
   t.n_iters = max(k, steps // k * k)
   t.snapshot_sampling = False
-  validation.validate(config)
+  builders.validate(config)
   with tempfile.TemporaryDirectory() as workdir:
     result = train.train(config, workdir)
-  rate = result["steps_per_second"]
-  return {"config": name, "batch": t.batch_size, "k": k, "first": result["time_to_first_step"], "rate": rate,
+  rate = result.steps_per_second
+  return {"config": name, "batch": t.batch_size, "k": k, "first": result.time_to_first_step, "rate": rate,
           "examples": rate * t.batch_size if rate else float("nan")}
 
 

@@ -32,11 +32,15 @@ restore onto whatever shardings the abstract state names, so a run checkpointed 
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging as logging_lib
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -170,15 +174,6 @@ class Checkpointer:
         f"train on without checkpoints. Free space on that file system or make {directory} writable (or "
         f"move the run to a --workdir that is), then run the same command again: training resumes from the "
         f"newest of those checkpoints.")
-
-  def latest_step(self) -> int | None:
-    """The newest step of either series (not checked for damage), or None."""
-    steps = [s for manager in self._managers.values() for s in manager.all_steps()]
-    return max(steps, default=None)
-
-  def all_steps(self) -> list[int]:
-    """Every saved step of both series, ascending."""
-    return sorted({s for manager in self._managers.values() for s in manager.all_steps()})
 
   def save(self, step: int, state: PyTree, host_state: HostState, *, force: bool = False) -> bool:
     """Starts an asynchronous save of ``step`` if a schedule (or ``force``) asks for one.
@@ -326,3 +321,37 @@ def restore_ema_params(workdir: str | epath.PathLike, abstract_params: PyTree, *
                             f"pass the workdir of a training run.")
   items, restored_step, _, _ = found
   return items.state["ema_params"], restored_step
+
+
+class QuietOrbax(logging_lib.Filter):
+  """Drops Orbax's INFO records (a dozen per save or restore), which would drown the progress lines."""
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    return record.levelno >= logging_lib.WARNING or "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+@contextlib.contextmanager
+def quiet_orbax() -> Iterator[None]:
+  """Within the block, Orbax logs warnings and errors only."""
+  quiet = QuietOrbax()
+  logging.get_absl_logger().addFilter(quiet)
+  try:
+    yield
+  finally:
+    logging.get_absl_logger().removeFilter(quiet)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> epath.Path:
+  """Writes the resolved config to ``workdir/config.json``, warning about keys changed since the last start."""
+  path = absolute(workdir) / "config.json"
+  new = json.loads(config.to_json_best_effort(sort_keys=True))
+  if path.exists():
+    flat = lambda d, prefix="": ({k2: v2 for k, v in d.items() for k2, v2 in flat(v, f"{prefix}{k}.").items()}
+                                 if isinstance(d, dict) else {prefix[:-1]: d})
+    old_flat, new_flat = flat(json.loads(path.read_text())), flat(new)
+    changed = sorted(key for key in old_flat.keys() | new_flat.keys() if old_flat.get(key) != new_flat.get(key))
+    if changed:
+      logging.warning("The config differs from the previous start's %s in: %s. The run continues with the new "
+                      "values.", path, ", ".join(f"{k} ({old_flat.get(k)!r} -> {new_flat.get(k)!r})" for k in changed))
+  path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+  return path

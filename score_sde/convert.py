@@ -3,6 +3,7 @@
     ckpt = convert.load_checkpoint(path, model, (1, 32, 32, 3))
     score_fn = wrapper.get_score_fn(sde, model, {"params": ckpt.ema_params}, continuous=True)
     state = convert.convert_checkpoint(path, config)   # {"params", "ema_params", "step", "has_ema"}
+    result = convert.import_checkpoint(config, workdir, path)   # the workdir's first checkpoint (--mode import)
 
 Sources:
 
@@ -630,6 +631,50 @@ def pth_to_npz(src: str | os.PathLike, dst: str | os.PathLike) -> None:
   np.savez(dst, **arrays)
 
 
+def import_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathLike, source: str | os.PathLike, *,
+                      devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """Writes an original checkpoint (``convert_checkpoint``) as the first checkpoint of ``workdir``.
+
+  The optimiser state starts afresh; the step is the checkpoint's. Every mode then reads the workdir
+  like a trained run's, and training resumes from it.
+
+  Returns:
+    {"step", "has_ema", "checkpoint_dir", "parameters"}.
+
+  Raises:
+    ValueError: when ``workdir`` already holds checkpoints (nothing is overwritten), or for weights
+      that do not fit the config's network.
+    FileNotFoundError: for a missing ``source``.
+  """
+  from score_sde import builders, checkpoints, losses, parallel  # pylint: disable=g-import-not-at-top
+  workdir = checkpoints.absolute(workdir)
+  existing = checkpoints.list_steps(workdir)
+  if existing:
+    raise ValueError(f"--workdir {workdir} already holds checkpoints (steps {existing}); import into an empty "
+                     f"workdir.")
+  if not os.path.exists(source):
+    raise FileNotFoundError(f"--source {source} does not exist; pass the path of the original checkpoint file.")
+  imported = convert_checkpoint(source, config)
+  mesh = parallel.make_mesh(devices)
+  state = losses.init_train_state(imported["params"], builders.build_optimizer(config))
+  state = state.replace(step=jnp.asarray(imported["step"], state.step.dtype),
+                        ema_params=jax.tree.map(jnp.asarray, imported["ema_params"]))
+  state = parallel.replicate(state, mesh)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoints.write_config(config, workdir)
+  t = config.training
+  with checkpoints.quiet_orbax():
+    ckpt = checkpoints.Checkpointer(workdir, snapshot_freq=t.snapshot_freq,
+                                    preemption_freq=t.snapshot_freq_for_preemption, keep=t.keep_checkpoints)
+    try:
+      ckpt.save(imported["step"], state, {}, force=True)
+    finally:
+      ckpt.close()
+  return {"step": imported["step"], "has_ema": imported["has_ema"], "parameters": wrapper.count_params(state.params),
+          "checkpoint_dir": str(workdir / checkpoints.REGULAR_DIR)}
+
+
 __all__ = ["Checkpoint", "FORMATS", "TORCH_LAYOUTS", "convert_checkpoint", "convert_jax_state", "convert_torch_state",
-           "input_shape_of", "jax_params_to_params", "load_checkpoint", "params_to_torch_state_dict", "pth_to_npz",
+           "import_checkpoint", "input_shape_of", "jax_params_to_params", "load_checkpoint", "params_to_torch_state_dict", "pth_to_npz",
            "read_msgpack", "read_npz", "read_pth", "torch_layout", "torch_state_dict_to_params"]

@@ -1,57 +1,10 @@
-"""Data: toy 2-D sets, embedded digits and TFDS images, through one grain pipeline; data scalers.
+"""Data: toy 2-D sets, embedded digits, TFDS and folder images through one grain pipeline; data scalers.
 
     train_ds, eval_ds = datasets.get_dataset(config)            # config.data.*, training.*, seed
-    it = train_ds.make_iterator()                                # or make_iterator(saved_state)
-    batch = next(it)          # {"image": float32, "label": int32, "mask": bool}, numpy
-    saved_state = train_ds.iterator_state(it)                    # JSON-serialisable dict
+    batch = next(train_ds.make_iterator())    # {"image": float32 [0, 1], "label": int32, "mask": bool}
     x = datasets.get_data_scaler(config.data.centered)(batch["image"])
 
-Batches. Every dataset yields dicts of numpy arrays with the same three keys: ``"image"`` holds the
-data (images (..., H, W, C) float32 in [0, 1], i.e. uint8 / 255 like the original's
-``convert_image_dtype``, or toy points (..., 2) float32), ``"label"`` int32 (the class; for toy
-sets the discrete latent the generator drew, see ``TOY_DATASETS``), and ``"mask"`` bool (False
-only on padding). The leading axes are ``(n_jitted_steps, per_host_batch)`` when
-n_jitted_steps > 1, else ``(per_host_batch,)``; per_host_batch = global batch / process count.
-
-Two regimes. *Training* (``training=True``) is an infinite stream: each epoch a seeded global
-permutation of the split, ``random_flip`` and uniform dequantisation drawn per example and epoch
-from the seed, and host h of P taking the h-th block of global_batch / P positions of each batch
-of that stream. Global batch k, assembled host after host (``parallel.shard_batch``), is therefore
-the same array whatever the number of hosts, and resuming is exact.
-*Evaluation* (``training=False``) is one ordered pass: host h reads examples h, h + P, ... and pads
-its last batch with ``mask=False`` examples so that every host yields ``num_batches`` full
-batches (same shapes for sharding); the masked-in examples of all hosts are every example of the
-split exactly once.
-
-Pipeline choice. The pipeline is a grain ``MapDataset`` of batch indices, ``range(...).map(batch
-k)``, turned into an ``IterDataset`` for threaded prefetch. Its iterator state is one integer,
-the index of the next element, so saving it is free and restoring it jumps straight there (no
-replay, unlike a ``DataLoader``'s sampler or a windowed ``IterDataset`` shuffle). Element k is
-built from index arithmetic in numpy (the stream positions it holds, then a gather), because
-grain's per-example transformations cost ~60 us per example in Python, which would make a toy
-batch of 512 points take 30 ms. ``Pipeline.iterator_state`` stores the position as examples
-consumed (with a fingerprint of the data), so a run may resume on a different number of hosts
-or with a different ``n_jitted_steps``.
-
-Sources. Toy sets are drawn once from fixed data seeds (like a real finite data set; the
-pipeline seed only orders and augments them). Digits are scikit-learn's 8x8 ``load_digits``
-(values 0..16 mapped to 0..255) with a fixed 1500 / 297 train / test split; ``digits_rgb`` are the
-same digits, split alike, each inked in a colour of ``DIGITS_PALETTE`` fixed per digit (colour
-images that need no download, e.g. for colourisation). TFDS sets are read
-with ``tfds.data_source`` (ArrayRecord; no TensorFlow in the training process; preparing a set
-needs TensorFlow once, see ``tfds_source``); FFHQ / CelebA-HQ are StyleGAN dataset-tool TFRecords
-read without TensorFlow (``TFRecordSource``) or folders of images, and ``image_folder`` is any
-folder of images. Sources yield images as stored.
-
-Preparation. Each entry of ``IMAGE_DATASETS`` pairs a source with its rule, a function
-(uint8 (H, W, C), image_size) -> uint8 (image_size, image_size, C) that the pipeline applies to
-every image not already (image_size, image_size) (those pass untouched). The rules follow the
-original per data set: ``prepare_resize`` (CIFAR-10, SVHN, FFHQ, CelebA-HQ, folders, digits)
-resizes bilinearly; ``prepare_celeba`` takes the central 140 x 140 square, then ``resize_small``
-(the shorter side to image_size); ``prepare_lsun`` at 128 resizes the shorter side to 128, then takes
-the central 128 x 128, and at other sizes takes the central square, then resizes bicubically. They
-run with PIL on uint8 (bilinear and bicubic antialiased when shrinking), so images stay 8-bit and
-dequantisation and bits/dim stay meaningful (the original resized floats).
+Batches, the training and evaluation regimes, sources and preparation rules: ``docs/data.md``.
 """
 
 from __future__ import annotations
@@ -66,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import grain
 import jax
+from absl import logging
 import ml_collections
 import numpy as np
 import PIL.Image
@@ -159,6 +113,7 @@ TOY_DATASETS: dict[str, Callable[[np.random.Generator, int], tuple[np.ndarray, n
 
 # Toy sets whose density is known exactly.
 _TOY_DENSITIES = {"8gaussians": _EIGHT_GAUSSIANS, "mixture": _MIXTURE}
+TOY_DENSITIES = tuple(_TOY_DENSITIES)
 
 
 def sample_toy(name: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -394,6 +349,7 @@ class TFRecordSource:
 
   def __init__(self, paths: Sequence[str | pathlib.Path]):
     self.paths = [pathlib.Path(p) for p in paths]
+    self.held_out_note = ""
     self._index: list[tuple[int, int, int]] = []  # (file, data offset, data length)
     for f, path in enumerate(self.paths):
       size, offset = path.stat().st_size, 0
@@ -426,35 +382,99 @@ class TFRecordSource:
     return {"image": image, "label": 0}
 
 
-def folder_source(split: str, data_dir: str | None, name: str = "this data set") -> Sequence[dict[str, Any]]:
-  """Images from ``data_dir``: TFRecords of StyleGAN's dataset tool, or a folder of PNG / JPEG files.
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
-  ``data_dir`` may be a ``.tfrecords`` file, a folder holding ``.tfrecords`` files (all are read,
-  sorted by name), or a folder of images (read recursively, sorted by path; label 0). With
-  ``data_dir/train`` and ``data_dir/test`` folders those are the splits; otherwise both splits are
-  every image (FFHQ and CelebA-HQ have no held-out split; the original evaluated on the training set).
+
+class ImageFileSource:
+  """Image files read one at a time, as uint8 (H, W, channels) at their own size (label 0).
+
+  Any PIL mode is converted: palette, greyscale and RGBA images to RGB for ``channels = 3`` (alpha
+  dropped), and everything to greyscale for ``channels = 1``.
+  """
+
+  def __init__(self, paths: Sequence[pathlib.Path], channels: int = 3):
+    if channels not in (1, 3):
+      raise ValueError(f"Image folders are read as RGB (3 channels) or greyscale (1), not {channels}; set "
+                       f"config.data.num_channels to 3 or 1.")
+    self.paths, self.channels = list(paths), channels
+    self.held_out_note = ""
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    path = self.paths[index]
+    try:
+      with PIL.Image.open(path) as image:
+        if image.mode in ("P", "PA", "LA", "RGBA", "I;16", "I", "F"):
+          image = image.convert("RGBA" if image.mode in ("P", "PA", "LA", "RGBA") else "L")
+        array = np.asarray(image.convert("RGB" if self.channels == 3 else "L"))
+    except (OSError, ValueError) as e:
+      raise ValueError(f"{path} is not a readable image ({e}); remove it from the folder or replace it.") from e
+    return {"image": array if array.ndim == 3 else array[..., None], "label": 0}
+
+
+def _held_out_split(n: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """(train, test) indices of n examples: a fixed permutation (seed 0), the first round(f n) held out."""
+  order = np.random.default_rng(0).permutation(n)
+  k = round(n * test_fraction)
+  if not 0 < k < n:
+    raise ValueError(f"config.data.test_fraction={test_fraction} holds out {k} of {n} images; choose a fraction "
+                     f"that leaves at least one image on each side.")
+  return np.sort(order[k:]), np.sort(order[:k])
+
+
+def folder_source(split: str, data_dir: str | None, name: str = "this data set", *, channels: int = 3,
+                  test_fraction: float = 0.0) -> Sequence[dict[str, Any]]:
+  """Images from ``data_dir``: TFRecords of StyleGAN's dataset tool, or a folder of image files.
+
+  ``data_dir`` may be a ``.tfrecords`` file, a folder of ``.tfrecords`` files (read in name order), or a
+  folder of PNG / JPEG / BMP / WebP images of any sizes and modes (read recursively in path order,
+  lazily). The held-out split is ``data_dir/test`` when ``data_dir/train`` and ``data_dir/test`` exist,
+  else a fixed ``test_fraction`` of the images, else (fraction 0) the training images themselves; the
+  source's ``held_out_note`` says which.
 
   Raises:
-    FileNotFoundError: when ``data_dir`` is unset or holds no images, saying what to put there.
+    FileNotFoundError: when ``data_dir`` is unset, missing or holds no images, saying what to put there.
   """
   _check_split(split)
   if not data_dir:
     raise FileNotFoundError(f"{name} is read from StyleGAN dataset-tool TFRecords or a folder of PNG / JPEG "
                             f"images: set --config.data.data_dir to the .tfrecords file or the folder.")
   root = pathlib.Path(data_dir)
-  if root.is_file() and root.suffix == ".tfrecords":
-    return TFRecordSource([root])
-  if (root / "train").is_dir() and (root / "test").is_dir():
+  if not root.exists():
+    raise FileNotFoundError(f"config.data.data_dir={data_dir} does not exist; point --config.data.data_dir at the "
+                            f"folder of images (or the .tfrecords file) of {name}.")
+  split_dirs = (root / "train").is_dir() and (root / "test").is_dir()
+  if split_dirs:
     root = root / split
-  records = sorted(root.glob("*.tfrecords")) if root.is_dir() else []
+  if root.is_file() and root.suffix == ".tfrecords":
+    records = [root]
+  else:
+    records = sorted(root.glob("*.tfrecords")) if root.is_dir() else []
   if records:
-    return TFRecordSource(records)
-  paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-  if not paths:
-    raise FileNotFoundError(f"No .tfrecords or .png / .jpg images under {root} for {name}; put them there or "
-                            f"point --config.data.data_dir at the file or folder that holds them.")
-  images = np.stack([np.asarray(PIL.Image.open(p).convert("RGB")) for p in paths])
-  return ArraySource(images, np.zeros(len(images), np.int32))
+    source = TFRecordSource(records)
+  else:
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+      raise FileNotFoundError(f"No .tfrecords or image files ({', '.join(_IMAGE_SUFFIXES)}) under {root} for "
+                              f"{name}; put them there or point --config.data.data_dir at the file or folder "
+                              f"that holds them.")
+    source = ImageFileSource(paths, channels)
+  if split_dirs:
+    source.held_out_note = f"the images of {pathlib.Path(data_dir) / 'test'}"
+  elif test_fraction:
+    if not isinstance(source, ImageFileSource):
+      raise ValueError(f"config.data.test_fraction holds out part of a folder of image files, not of TFRecords "
+                       f"({root}); set it to 0, or put the held-out images in {root}/test and the rest in "
+                       f"{root}/train.")
+    train_ids, test_ids = _held_out_split(len(source.paths), test_fraction)
+    source = ImageFileSource([source.paths[i] for i in (train_ids if split == "train" else test_ids)], channels)
+    source.held_out_note = f"a fixed {test_fraction:g} of the images of {root}, not used for training"
+  else:
+    source.held_out_note = (f"the training images themselves: {pathlib.Path(data_dir)} has no test/ folder and "
+                            f"config.data.test_fraction is 0")
+  return source
 
 
 # --- Preparation: uint8 (H, W, C) -> uint8 (image_size, image_size, C) -----------------------
@@ -511,6 +531,19 @@ def prepare_resize(image: np.ndarray, image_size: int) -> np.ndarray:
   return _resize(image, image_size, image_size)
 
 
+def prepare_crop_resize(image: np.ndarray, image_size: int) -> np.ndarray:
+  """Image folders: the central square of side min(H, W), then a bilinear resize to (image_size, image_size).
+
+  Args:
+    image: uint8 (H, W, C) of any size.
+    image_size: the side of the square output.
+
+  Returns:
+    uint8 (image_size, image_size, C).
+  """
+  return _resize(_central_crop(image, min(image.shape[:2])), image_size, image_size)
+
+
 def prepare_celeba(image: np.ndarray, image_size: int) -> np.ndarray:
   """CelebA: the central 140 x 140 square, then ``resize_small`` (bilinear) to image_size.
 
@@ -554,8 +587,9 @@ class ImageSet:
     prepare: (uint8 (H, W, C), image_size) -> uint8 (image_size, image_size, C).
   """
 
-  source: Callable[[str, str | None], Sequence[dict[str, Any]]]
+  source: Callable[..., Sequence[dict[str, Any]]]
   prepare: Callable[[np.ndarray, int], np.ndarray] = prepare_resize
+  folder: bool = False  # the source also takes ``channels`` and ``test_fraction`` (``folder_source``)
 
 
 # Image sets by name (lower case). Held-out splits and preparation follow the original: CIFAR-10 and
@@ -571,9 +605,10 @@ IMAGE_DATASETS: dict[str, ImageSet] = {
     "celeba": ImageSet(_tfds_split("celeb_a", "validation"), prepare_celeba),
     "lsun/bedroom": ImageSet(_tfds_split("lsun/bedroom", "validation"), prepare_lsun),
     "lsun/church_outdoor": ImageSet(_tfds_split("lsun/church_outdoor", "validation"), prepare_lsun),
-    "ffhq": ImageSet(functools.partial(folder_source, name="FFHQ")),
-    "celebahq": ImageSet(functools.partial(folder_source, name="CelebA-HQ")),
-    "image_folder": ImageSet(functools.partial(folder_source, name="data.dataset='image_folder'")),
+    "ffhq": ImageSet(functools.partial(folder_source, name="FFHQ"), folder=True),
+    "celebahq": ImageSet(functools.partial(folder_source, name="CelebA-HQ"), folder=True),
+    "image_folder": ImageSet(functools.partial(folder_source, name="data.dataset='image_folder'"),
+                             prepare_crop_resize, folder=True),
 }
 
 
@@ -699,6 +734,7 @@ class Pipeline:
     density: the exact density of a toy set that has one, else None.
     seed: the pipeline seed.
     process_count: hosts sharing the split.
+    source_note: where the split's examples come from, for reports (e.g. a held-out fraction).
   """
 
   dataset: grain.IterDataset
@@ -714,6 +750,7 @@ class Pipeline:
   density: analytic.GaussianMixture | None
   seed: int
   process_count: int
+  source_note: str = ""
 
   def _fingerprint(self) -> dict[str, Any]:
     fingerprint = {"name": self.name, "num_examples": self.num_examples, "seed": self.seed,
@@ -864,7 +901,8 @@ def get_dataset(config: ml_collections.ConfigDict, *, evaluation: bool = False,
     density = toy_density(name) if name in _TOY_DENSITIES else None
   elif name in IMAGE_DATASETS:
     image_set = IMAGE_DATASETS[name]
-    sources = {split: image_set.source(split, data.data_dir) for split in ("train", "test")}
+    options = {"channels": data.num_channels, "test_fraction": data.test_fraction} if image_set.folder else {}
+    sources = {split: image_set.source(split, data.data_dir, **options) for split in ("train", "test")}
     image_size, prepare, density = data.image_size, image_set.prepare, None
     channels = np.asarray(sources["train"][0]["image"]).shape[-1]
     if channels != data.num_channels:
@@ -879,5 +917,9 @@ def get_dataset(config: ml_collections.ConfigDict, *, evaluation: bool = False,
       prepare=prepare, uniform_dequantization=dequantize, n_jitted_steps=n_jitted,
       process_index=process_index, process_count=process_count, density=density)
   train = build(sources["train"], name=f"{name}/train", random_flip=data.random_flip and not evaluation)
-  held_out = build(sources["test"], name=f"{name}/test")
+  note = getattr(sources["test"], "held_out_note", "")
+  held_out = dataclasses.replace(build(sources["test"], name=f"{name}/test"), source_note=note)
+  if note and process_index in (None, 0) and jax.process_index() == 0:
+    logging.info("data: %s, %d training and %d held-out examples; held out: %s.", data.dataset, len(sources["train"]),
+                 len(sources["test"]), note)
   return train, held_out

@@ -34,15 +34,11 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from score_sde import builders
 from score_sde import checkpoints
 from score_sde import datasets
-from score_sde import guidance
-from score_sde import likelihood as likelihood_lib
-from score_sde import losses
 from score_sde import parallel
-from score_sde import train
 from score_sde import visualize
-from score_sde.models import wrapper
 
 Array = jax.Array
 
@@ -84,13 +80,13 @@ def _sample_program(config: ml_collections.ConfigDict, sde, mesh: jax.sharding.M
 
   Samples are batch-sharded, in data space ([0, 1] images), or uint8 pixels with ``quantised``.
   """
-  shape = (config.sampling.batch_size,) + train.example_shape(config)
+  shape = (config.sampling.batch_size,) + builders.example_shape(config)
   inverse_scaler = datasets.get_data_inverse_scaler(config.data.centered)
 
   def build():
     from score_sde import sample_quality  # pylint: disable=g-import-not-at-top
 
-    sampler = train.build_sampler(config, sde, shape)
+    sampler = builders.build_sampler(config, sde, shape)
 
     def run(key, fn, first):
       x, nfe = sampler(key, fn, first_index=first)
@@ -119,6 +115,32 @@ def _write_npz(path: epath.Path, **arrays: np.ndarray) -> None:
       np.savez(f, **arrays)
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    return {k2: v2 for k, v in tree.items() for k2, v2 in _flat(v, f"{prefix}{k}.").items()}
+  return {prefix[:-1]: tree}
+
+
+def _earlier(path: epath.Path, settings: dict[str, Any]) -> dict[str, np.ndarray] | None:
+  """The arrays of an earlier result at ``path`` made with ``settings``, or None when there is none.
+
+  Raises:
+    FileExistsError: when ``path`` holds a result of other settings (it is kept, never replaced).
+  """
+  if not parallel.process0_says(path.exists()):
+    return None
+  with path.open("rb") as f, np.load(f) as data:
+    arrays = {name: data[name] for name in data.files}
+  stored = json.loads(str(arrays.pop("settings", "{}")))
+  new = json.loads(json.dumps(settings, default=str))
+  if stored != new:
+    old_flat, new_flat = _flat(stored), _flat(new)
+    changed = sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k))
+    raise FileExistsError(f"{path} holds a result of other settings ({', '.join(changed[:5])} differ); it is kept. "
+                          f"Pass --tag=<name> to write this one beside it, or move that file away.")
+  return arrays
+
+
 def _mean_and_sem(values: np.ndarray) -> tuple[float, float]:
   """The mean of ``values`` (N,) and its standard error std / sqrt(N)."""
   values = np.asarray(values, np.float64)
@@ -130,19 +152,20 @@ def _mean_and_sem(values: np.ndarray) -> tuple[float, float]:
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, out_dir: str | epath.PathLike, *,
-           num_samples: int | None = None, step: int | None = None,
+           num_samples: int | None = None, step: int | None = None, tag: str | None = None,
            devices: list[jax.Device] | None = None) -> dict[str, Any]:
   """Draws ``num_samples`` (default ``config.eval.num_samples``) samples of the EMA network.
 
-  The sampler is ``config.sampling`` (method and options); batches of ``config.sampling.batch_size``
-  are sharded over the devices. Writes ``out_dir/samples_<step>.npz`` (``samples`` in data space,
-  (N, ...)) and ``out_dir/samples_<step>.png`` (an image grid, or a scatter plot over held-out
-  points for 2-D data). Class-conditional sampling (``sampling.guidance``, ``sampling.class_labels``;
-  see ``guidance.sampling_score_fns``) also writes the classes, ``labels`` (N,), to the .npz.
+  The sampler is ``config.sampling`` (method and options, guidance: ``builders.build_guided_score_fns``);
+  batches of ``config.sampling.batch_size`` are sharded over the devices. Writes
+  ``out_dir/samples_<step>_<tag>.npz`` (``samples`` in data space (N, ...), ``labels`` (N,) of guided
+  samples, and the settings) and a ``.png`` (an image grid, or a scatter plot over held-out points for
+  2-D data); ``tag`` defaults to ``builders.sampler_tag(config)``. An earlier result of the same settings
+  is returned as it is (``kept``); one of other settings is never replaced.
 
   Returns:
     {"samples": (N, ...) numpy, "labels": (N,) classes or None, "nfe": score evaluations per sample,
-    "step", "npz", "png", "non_finite": samples with a non-finite entry}.
+    "step", "npz", "png", "non_finite": samples with a non-finite entry, "kept": read from an earlier run}.
   """
   mesh = parallel.make_mesh(devices)
   batch = config.sampling.batch_size
@@ -150,8 +173,18 @@ def sample(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, out
   num_samples = int(num_samples or config.eval.num_samples)
   if num_samples < 1:
     raise ValueError(f"num_samples must be positive, got {num_samples}; set --config.eval.num_samples.")
-  sde, model, score_fn, step = train.restore_for_inference(config, workdir, step=step, devices=devices)
-  score_fn_for = guidance.sampling_score_fns(config, sde, model, score_fn, devices=devices)
+  restored = builders.restore_score_model(config, workdir, step=step, devices=devices)
+  sde, step = restored.sde, restored.step
+  out_dir = epath.Path(out_dir)
+  name = f"samples_{step}_{tag or builders.sampler_tag(config)}"
+  npz, png = out_dir / f"{name}.npz", out_dir / f"{name}.png"
+  settings = {"sampling": config.sampling.to_dict(), "num_samples": num_samples, "seed": config.seed, "step": step}
+  earlier = _earlier(npz, settings)
+  if earlier is not None:
+    samples = earlier["samples"]
+    return {"samples": samples, "labels": earlier.get("labels"), "nfe": int(earlier["nfe"]), "step": step,
+            "npz": str(npz), "png": str(png), "non_finite": _non_finite(samples), "kept": True}
+  score_fn_for = builders.build_guided_score_fns(config, restored, devices=devices)
   run = _sample_program(config, sde, mesh)
   key = _key(config, _SAMPLE)
   rounds = math.ceil(num_samples / batch)
@@ -164,9 +197,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, out
     progress.update((r + 1) * batch)
   samples = np.concatenate(chunks)[:num_samples]
   labels = None if label_chunks[0] is None else np.concatenate(label_chunks)[:num_samples]
-  out_dir = epath.Path(out_dir)
-  npz, png = out_dir / f"samples_{step}.npz", out_dir / f"samples_{step}.png"
-  _write_npz(npz, samples=samples, **({} if labels is None else {"labels": labels}))
+  _write_npz(npz, samples=samples, nfe=np.asarray(int(nfe)), settings=np.asarray(json.dumps(settings, default=str)),
+             **({} if labels is None else {"labels": labels}))
   if jax.process_index() == 0:
     if samples.ndim == 4:
       visualize.save_image_grid(png, samples[:min(len(samples), 256)])
@@ -174,61 +206,45 @@ def sample(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, out
       _, eval_ds = datasets.get_dataset(config, evaluation=True)
       reference = next(eval_ds.make_iterator())["image"]
       visualize.save_scatter(png, samples.reshape(len(samples), -1), reference=reference)
-  non_finite = int(np.sum(~np.all(np.isfinite(samples.reshape(len(samples), -1)), axis=1)))
+  non_finite = _non_finite(samples)
   logging.info("%d samples of step %d (%d score evaluations each, %d non-finite): %s, %s", len(samples), step,
                int(nfe), non_finite, npz, png)
   return {"samples": samples, "labels": labels, "nfe": int(nfe), "step": step, "npz": str(npz), "png": str(png),
-          "non_finite": non_finite}
+          "non_finite": non_finite, "kept": False}
+
+
+def _non_finite(samples: np.ndarray) -> int:
+  """Samples with a non-finite entry."""
+  return int(np.sum(~np.all(np.isfinite(samples.reshape(len(samples), -1)), axis=1)))
 
 
 # --- Likelihoods ---------------------------------------------------------------------------------------
 
 
-def _likelihood_fn(config: ml_collections.ConfigDict, sde, eight_bit: bool) -> Callable:
-  """``fn(key, score_fn, batch) -> per-example values``: bits/dim of 8-bit images, else log p in nats."""
-  e = config.eval
-  options = dict(divergence=e.divergence, rtol=e.rtol, atol=e.atol, eps=e.eps)
-  scaler = datasets.get_data_scaler(config.data.centered)
-  if eight_bit:
-    bpd_fn = likelihood_lib.get_bpd_fn(sde, scaler, **options)
-
-    def images_bpd(key, score_fn, images):
-      return bpd_fn(key, score_fn, jnp.round(images * 255.0).astype(jnp.uint8))[0]
-
-    return images_bpd
-  lik = likelihood_lib.get_likelihood_fn(sde, **options)
-
-  def points_logp(key, score_fn, points):
-    # log p(u) = log p(x) + log|dx/du| for the elementwise data scaler x = s(u).
-    x, dx_du = jax.jvp(scaler, (points,), (jnp.ones_like(points),))
-    log_det = jnp.sum(jnp.log(jnp.abs(dx_du)).reshape(points.shape[0], -1), axis=1)
-    return lik(key, score_fn, x)[0] + log_det
-
-  return points_logp
-
-
 def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, out_dir: str | epath.PathLike,
                *, split: str | None = None, max_examples: int | None = None, step: int | None = None,
-               key: Array | None = None, name: str | None = None, restored: tuple | None = None,
-               devices: list[jax.Device] | None = None) -> dict[str, Any]:
+               key: Array | None = None, name: str | None = None, tag: str | None = None,
+               restored: builders.Restored | None = None, devices: list[jax.Device] | None = None
+               ) -> dict[str, Any]:
   """The PF-ODE likelihood of every example of a split (``config.eval.bpd_dataset`` by default).
 
   Solver settings are ``config.eval.{divergence, rtol, atol, eps}``; batches of
   ``config.eval.batch_size`` are sharded over the devices; the last, partial batch is padded and
-  its padding dropped, so every example counts once. Writes ``out_dir/likelihood_<split>_<step>.npz``
-  (``values`` (N,), ``labels`` (N,)).
+  its padding dropped, so every example counts once. Writes ``out_dir/likelihood_<split>_<step>_<tag>.npz``
+  (``values`` (N,), ``labels`` (N,), the settings); ``tag`` defaults to ``builders.likelihood_tag(config)``.
+  An earlier result of the same settings is returned as it is (``kept``); one of other settings is kept.
 
   Args:
     max_examples: stop after this many examples (default ``config.eval.likelihood_examples``; 0: the
       whole split).
     key: the base key of the pass (default: from ``config.seed``).
-    name: the output file's name (default ``likelihood_<split>_<step>.npz``).
-    restored: ``train.restore_for_inference``'s result for ``step``, if the caller has it already.
+    name: the output file's name, replacing the default (then written whatever is there).
+    restored: ``builders.restore``'s result for ``step``, if the caller has it already.
 
   Returns:
-    {"values": (N,), "mean", "sem" (standard error), "unit" ("bits/dim" or "nats"), "split",
-    "step", "npz", and "exact_mean" (the true density's mean log p of the same points, for toy sets
-    with a closed form; else None)}.
+    {"values": (N,), "mean", "sem" (standard error), "unit" ("bits/dim" or "nats"), "split", "step",
+    "npz", "kept", "source" (where the split's examples come from), and "exact_mean" (the true
+    density's mean log p of the same points, for toy sets with a closed form; else None)}.
   """
   mesh = parallel.make_mesh(devices)
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
@@ -236,13 +252,23 @@ def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
   max_examples = config.eval.likelihood_examples if max_examples is None else max_examples
   if split not in ("train", "test"):
     raise ValueError(f"Unknown split {split!r}; set --config.eval.bpd_dataset to 'train' or 'test'.")
-  restored = restored or train.restore_for_inference(config, workdir, step=step, devices=devices)
-  sde, _, score_fn, step = restored
+  restored = restored or builders.restore_score_model(config, workdir, step=step, devices=devices)
+  sde, score_fn, step = restored.sde, restored.fn, restored.step
   train_ds, test_ds = datasets.get_dataset(config, evaluation=True, uniform_dequantization=False)
   ds = train_ds if split == "train" else test_ds
   e = config.eval
+  npz = epath.Path(out_dir) / (name or f"likelihood_{split}_{step}_{tag or builders.likelihood_tag(config)}.npz")
+  settings = {"eval": {k: e[k] for k in ("divergence", "rtol", "atol", "eps")}, "max_examples": max_examples,
+              "split": split, "seed": config.seed, "step": step}
+  earlier = None if name else _earlier(npz, settings)
+  if earlier is not None:
+    values = earlier["values"]
+    mean, sem = _mean_and_sem(values)
+    exact = float(earlier["exact_mean"]) if "exact_mean" in earlier else None
+    return {"values": values, "mean": mean, "sem": sem, "unit": str(earlier["unit"]), "split": split,
+            "step": step, "npz": str(npz), "exact_mean": exact, "kept": True, "source": ds.source_note}
   fn = _program(("likelihood", repr(sde), e.divergence, e.rtol, e.atol, e.eps, config.data.centered, ds.eight_bit,
-                 mesh), lambda: jax.jit(_likelihood_fn(config, sde, ds.eight_bit),
+                 mesh), lambda: jax.jit(builders.build_likelihood_fn(config, sde, ds.eight_bit),
                                         out_shardings=parallel.batch_sharding(mesh)))
   unit = "bits/dim" if ds.eight_bit else "nats"
   key = _key(config, _LIKELIHOOD) if key is None else key
@@ -265,53 +291,45 @@ def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
   exact_mean = None
   if ds.density is not None:
     exact_mean = float(np.mean(np.asarray(ds.density.log_prob(jnp.asarray(np.concatenate(points)[:total])))))
-  npz = epath.Path(out_dir) / (name or f"likelihood_{split}_{step}.npz")
-  _write_npz(npz, values=values, labels=labels)
+  extra = {} if exact_mean is None else {"exact_mean": np.asarray(exact_mean)}
+  _write_npz(npz, values=values, labels=labels, unit=np.asarray(unit),
+             settings=np.asarray(json.dumps(settings, default=str)), **extra)
   logging.info("likelihood of %d %s examples at step %d: %.5f +- %.5f %s%s; %s", len(values), split, step, mean,
                sem, unit, "" if exact_mean is None else f" (exact density: {exact_mean:.5f} nats)", npz)
   return {"values": values, "mean": mean, "sem": sem, "unit": unit, "split": split, "step": step,
-          "npz": str(npz), "exact_mean": exact_mean}
+          "npz": str(npz), "exact_mean": exact_mean, "kept": False, "source": ds.source_note}
 
 
 # --- Eval loss -----------------------------------------------------------------------------------------
 
 
 def eval_loss(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *, split: str = "test",
-              step: int | None = None, restored: tuple | None = None,
+              step: int | None = None, restored: builders.Restored | None = None,
               devices: list[jax.Device] | None = None) -> dict[str, Any]:
   """The training objective of the EMA network over every example of ``split``.
 
   Each example's time and noise are drawn from ``fold_in(key, batch index)``; padding is masked
   out, so the value is the mean over exactly the split's examples.
 
-  ``restored`` is ``train.restore_for_inference``'s result for ``step``, if the caller has it.
+  ``restored`` is ``builders.restore``'s result for ``step``, if the caller has it.
 
   Returns:
     {"loss": mean per-example loss, "sem": its standard error, "num_examples", "split", "step"}.
   """
   mesh = parallel.make_mesh(devices)
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
-  restored = restored or train.restore_for_inference(config, workdir, step=step, devices=devices)
-  sde, model, score_fn, step = restored
-  t = config.training
-
-  def build():
-    build_score_fn = wrapper.get_score_fn_builder(sde, model, continuous=t.continuous)
-    loss_fn = losses.get_loss_fn(sde, build_score_fn, train=False, continuous=t.continuous,
-                                 reduce_mean=t.reduce_mean, likelihood_weighting=t.likelihood_weighting,
-                                 importance_weighting=t.importance_weighting, eps=t.eps)
-    scaler = datasets.get_data_scaler(config.data.centered)
-    return jax.jit(lambda key, params, x: loss_fn(key, params, scaler(x))[1]["per_example"],
-                   out_shardings=parallel.batch_sharding(mesh))
-
-  per_example = _program(("loss", repr(sde), model, t.to_json(), config.data.centered, mesh), build)
+  restored = restored or builders.restore_score_model(config, workdir, step=step, devices=devices)
+  sde, network, score_fn, step = restored.sde, restored.network, restored.fn, restored.step
+  per_example = _program(("loss", repr(sde), network, config.training.to_json(), config.data.centered, mesh),
+                         lambda: jax.jit(builders.build_eval_loss_fn(config, sde, network),
+                                         out_shardings=parallel.batch_sharding(mesh)))
   train_ds, test_ds = datasets.get_dataset(config, evaluation=True)
   ds = train_ds if split == "train" else test_ds
   key, params = _key(config, _LOSS), score_fn.variables["params"]
   progress, values = _Progress(f"eval loss ({split})", ds.num_examples, "examples"), []
   for j, batch in enumerate(ds.make_iterator()):
-    sharded = parallel.shard_batch({k: batch[k] for k in ("image", "mask")}, mesh)
-    values.append(_gather(per_example(jax.random.fold_in(key, j), params, sharded["image"]))[_gather(sharded["mask"])])
+    sharded = parallel.shard_batch({k: batch[k] for k in ("image", "label", "mask")}, mesh)
+    values.append(_gather(per_example(jax.random.fold_in(key, j), params, sharded))[_gather(sharded["mask"])])
     progress.update(sum(len(v) for v in values))
   values = np.concatenate(values)
   mean, sem = _mean_and_sem(values)
@@ -352,41 +370,40 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, o
   """Evaluates checkpoints ``eval.begin_ckpt..end_ckpt`` of a training run, resumably.
 
   For checkpoint n (step n ``training.snapshot_freq``), each as enabled: the eval loss over the
-  whole test split (``eval.enable_loss``); the likelihood of every example of
-  ``eval.bpd_dataset`` in ``eval.bpd_repeats`` passes with fresh dequantisation noise
-  (``eval.enable_bpd``; always for 2-D data); ``eval.num_samples`` samples of the configured
-  sampler with FID, KID and Inception score against ``eval.fid_stats_path`` (``eval.enable_sampling``).
-  Checkpoints not written yet are waited for (``eval.wait_timeout``), so this can run beside training.
+  whole test split (``eval.enable_loss``); the likelihood of every example of ``eval.bpd_dataset`` in
+  ``eval.bpd_repeats`` passes with fresh dequantisation noise (``eval.enable_bpd``; always for 2-D
+  data); and for each sampler setting of ``eval.samplers`` (or the config's own), ``eval.num_samples``
+  samples with their quality (``eval.feature_network``: FID / KID / IS with the FID Inception, or FD /
+  KID in a digits classifier's feature space and the accuracy of generated classes), the score
+  evaluations per sample and the samples per second (``eval.enable_sampling``). Checkpoints not
+  written yet are waited for (``eval.wait_timeout``), so this can run beside training.
 
-  Progress is kept in ``out_dir/ckpt_<n>/`` (the loss, each bits/dim pass, each sampling round), so a
-  killed evaluation resumes without recomputing finished parts; a finished checkpoint's results are
-  ``out_dir/ckpt_<n>.npz``; ``out_dir/summary.json`` and ``summary.csv`` hold one row per checkpoint,
-  and TensorBoard scalars go to ``out_dir/tensorboard``.
+  Progress is kept in ``out_dir/ckpt_<n>/`` (the loss, each bits/dim pass, each sampler's rounds and
+  row), so a killed evaluation resumes without recomputing finished parts; ``out_dir/ckpt_<n>.json``
+  holds a finished checkpoint's rows; ``out_dir/summary.json`` and ``summary.csv`` hold one row per
+  checkpoint and sampler, and TensorBoard scalars go to ``out_dir/tensorboard`` (``eval/<sampler>/<metric>``).
 
   Multi-host: every process runs this with the same arguments; each generates its share of every
   sampling round; results reach every process through collectives; process 0 writes the shared files
   and decides, for every process, which finished parts to skip.
 
   Returns:
-    {"rows": [per-checkpoint result dicts], "json": path, "csv": path}; on processes other than 0 a
-    row holds only what that process computed in this call.
+    {"rows": [result dicts, one per checkpoint and sampler], "json": path, "csv": path}; on processes
+    other than 0 a row holds only what that process computed in this call.
 
   Raises:
     FileNotFoundError: for missing Inception weights or reference statistics, before anything runs.
   """
   import tensorboardX  # pylint: disable=g-import-not-at-top
-  from score_sde import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from score_sde import sample_quality  # pylint: disable=g-import-not-at-top
   e = config.eval
   workdir, out_dir = epath.Path(workdir), epath.Path(out_dir)
   mesh = parallel.make_mesh(devices)
   is_host0 = jax.process_index() == 0
-  feature_fn = reference = None
-  if e.enable_sampling:  # fail now, not after hours of sampling
-    feature_fn = sample_quality.get_feature_fn(config, mesh)
-    reference = metrics_lib.load_reference_stats(e.fid_stats_path)
-  with_likelihood = e.enable_bpd or train.example_shape(config) == (2,)
-  if not (e.enable_loss or with_likelihood or e.enable_sampling):
+  samplers = builders.eval_sampler_configs(config) if e.enable_sampling else {}
+  features = sample_quality.get_feature_network(config, mesh, out_dir) if samplers else None  # fail now
+  with_likelihood = e.enable_bpd or not builders.is_image_set(config)
+  if not (e.enable_loss or with_likelihood or samplers):
     raise ValueError("Nothing to evaluate: enable eval.enable_loss, eval.enable_bpd or eval.enable_sampling.")
   writer = tensorboardX.SummaryWriter(str(out_dir / "tensorboard")) if is_host0 else None
   rows = []
@@ -395,63 +412,43 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, o
       step = n * config.training.snapshot_freq
       final = out_dir / f"ckpt_{n}.json"
       if parallel.process0_says(final.exists()):
-        rows.append(json.loads(final.read_text()) if is_host0 else {"ckpt": n, "step": step})
+        rows.extend(json.loads(final.read_text()) if is_host0 else [{"ckpt": n, "step": step}])
         logging.info("checkpoint %d (step %d) was evaluated before: %s", n, step, final)
         continue
       _wait_for_step(workdir, step, e.wait_timeout)
       part = out_dir / f"ckpt_{n}"
       if is_host0:
         part.mkdir(parents=True, exist_ok=True)
-      row: dict[str, Any] = {"ckpt": n, "step": step}
-      cache: dict[str, tuple] = {}
+      cache: dict[str, builders.Restored] = {}
 
-      def restored() -> tuple:  # the checkpoint is read once, by the first part that needs it
+      def restored() -> builders.Restored:  # the checkpoint is read once, by the first part that needs it
         if "ema" not in cache:
-          cache["ema"] = train.restore_for_inference(config, workdir, step=step, devices=devices)
+          cache["ema"] = builders.restore_score_model(config, workdir, step=step, devices=devices)
         return cache["ema"]
 
+      common: dict[str, Any] = {"ckpt": n, "step": step}
       if e.enable_loss:
-        path = part / "loss.json"
-        if not parallel.process0_says(path.exists()):
-          loss = eval_loss(config, workdir, step=step, restored=restored(), devices=devices)
-          row["eval_loss"] = loss["loss"]
-          if is_host0:
-            path.write_text(json.dumps({"loss": loss["loss"], "sem": loss["sem"]}))
-        elif is_host0:
-          row["eval_loss"] = json.loads(path.read_text())["loss"]
+        common.update(_checkpoint_loss(config, workdir, part / "loss.json", step, restored, devices))
       if with_likelihood:
-        values = []
-        for r in range(e.bpd_repeats):
-          name = f"ckpt_{n}/likelihood_{r}.npz"
-          if not parallel.process0_says((out_dir / name).exists()):
-            key = jax.random.fold_in(jax.random.fold_in(_key(config, _LIKELIHOOD), step), r)
-            values.append(likelihood(config, workdir, out_dir, step=step, key=key, name=name, restored=restored(),
-                                     devices=devices)["values"])
-          elif is_host0:
-            with (out_dir / name).open("rb") as f, np.load(f) as data:
-              values.append(data["values"])
-        unit = "bpd" if train.example_shape(config) != (2,) else "logp_nats"
-        if len(values) == e.bpd_repeats:  # on process 0 always; elsewhere when no pass was resumed
-          row[unit], row[f"{unit}_sem"] = _mean_and_sem(np.concatenate(values))
-      if e.enable_sampling:
-        sde, _, score_fn, _ = restored()
-        run = _sample_program(config, sde, mesh, quantised=True)
-        key = jax.random.fold_in(_key(config, _SAMPLE), step)
-        out = sample_quality.sample_features(config, lambda k, fn, first: run(k, fn, first)[0], score_fn, key, mesh,
-                                             part / "samples", feature_fn)
-        row.update(metrics_lib.compute_metrics(out["pool3"], out["logits"], reference, kid_subsets=e.kid_subsets,
-                                               kid_subset_size=min(e.kid_subset_size, len(out["pool3"])),
-                                               seed=config.seed))
-        if is_host0:
-          visualize.save_image_grid(part / "samples.png", out["samples"][:64] / 255.0)
-      row = {k: float(v) if isinstance(v, (np.floating, float)) else v for k, v in row.items()}
+        common.update(_checkpoint_likelihood(config, workdir, out_dir, n, step, restored, devices))
+      checkpoint_rows = []
+      for tag, sampler_config in samplers.items():
+        row = {**common, "sampler": tag, **_sampler_row(sampler_config, part / f"{tag}.json",
+                                                         part / f"samples_{tag}", step, restored, features, mesh)}
+        checkpoint_rows.append(row)
+      checkpoint_rows = checkpoint_rows or [common]
+      checkpoint_rows = [{k: float(v) if isinstance(v, (np.floating, float)) else v for k, v in row.items()}
+                         for row in checkpoint_rows]
       if is_host0:
-        final.write_text(json.dumps(row, indent=2) + "\n")
-        for k, v in row.items():
-          if k not in ("ckpt", "step"):
-            writer.add_scalar(f"eval/{k}", v, step)
-      rows.append(row)
-      logging.info("checkpoint %d (step %d): %s", n, step, row)
+        final.write_text(json.dumps(checkpoint_rows, indent=2) + "\n")
+        for row in checkpoint_rows:
+          prefix = f"eval/{row['sampler']}/" if "sampler" in row else "eval/"
+          for k, v in row.items():
+            if isinstance(v, float):
+              writer.add_scalar(prefix + k, v, step)
+      rows.extend(checkpoint_rows)
+      for row in checkpoint_rows:
+        logging.info("checkpoint %d (step %d): %s", n, step, row)
   finally:
     if writer is not None:
       writer.close()
@@ -462,3 +459,58 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, o
     lines = [",".join(columns)] + [",".join(str(row.get(c, "")) for c in columns) for row in rows]
     (out_dir / "summary.csv").write_text("\n".join(lines) + "\n")
   return {"rows": rows, **paths}
+
+
+def _checkpoint_loss(config: ml_collections.ConfigDict, workdir: epath.Path, path: epath.Path, step: int,
+                     restored: Callable[[], builders.Restored], devices) -> dict[str, float]:
+  """{"eval_loss": ...} of one checkpoint, computed once and kept in ``path``."""
+  if parallel.process0_says(path.exists()):
+    return {"eval_loss": json.loads(path.read_text())["loss"]} if jax.process_index() == 0 else {}
+  loss = eval_loss(config, workdir, step=step, restored=restored(), devices=devices)
+  if jax.process_index() == 0:
+    path.write_text(json.dumps({"loss": loss["loss"], "sem": loss["sem"]}))
+  return {"eval_loss": loss["loss"]}
+
+
+def _checkpoint_likelihood(config: ml_collections.ConfigDict, workdir: epath.Path, out_dir: epath.Path, n: int,
+                           step: int, restored: Callable[[], builders.Restored], devices) -> dict[str, float]:
+  """The mean likelihood (bits/dim or log p in nats) and its standard error over ``eval.bpd_repeats`` passes."""
+  values = []
+  for r in range(config.eval.bpd_repeats):
+    name = f"ckpt_{n}/likelihood_{r}.npz"
+    if not parallel.process0_says((out_dir / name).exists()):
+      key = jax.random.fold_in(jax.random.fold_in(_key(config, _LIKELIHOOD), step), r)
+      values.append(likelihood(config, workdir, out_dir, step=step, key=key, name=name, restored=restored(),
+                               devices=devices)["values"])
+    elif jax.process_index() == 0:
+      with (out_dir / name).open("rb") as f, np.load(f) as data:
+        values.append(data["values"])
+  unit = "bpd" if builders.is_image_set(config) else "logp_nats"
+  if len(values) < config.eval.bpd_repeats:  # another process read the resumed passes
+    return {}
+  mean, sem = _mean_and_sem(np.concatenate(values))
+  return {unit: mean, f"{unit}_sem": sem}
+
+
+def _sampler_row(config: ml_collections.ConfigDict, path: epath.Path, round_dir: epath.Path, step: int,
+                 restored: Callable[[], builders.Restored], features, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """One sampler's samples of a checkpoint: their quality, NFE and rate, computed once and kept in ``path``."""
+  from score_sde import sample_quality  # pylint: disable=g-import-not-at-top
+  if parallel.process0_says(path.exists()):
+    return json.loads(path.read_text()) if jax.process_index() == 0 else {}
+  run = _sample_program(config, restored().sde, mesh, quantised=builders.is_image_set(config))
+  score_fn_for = builders.build_guided_score_fns(config, restored(), devices=list(mesh.devices.flat))
+  key = jax.random.fold_in(_key(config, _SAMPLE), step)
+  out = sample_quality.sample_features(config, run, score_fn_for, key, mesh, round_dir, features.fn)
+  e = config.eval
+  row = {"nfe": out["nfe"], "samples_per_second": out["samples_per_second"],
+         **features.scores(out, kid_subsets=e.kid_subsets, kid_subset_size=e.kid_subset_size, seed=config.seed)}
+  row = {k: float(v) if isinstance(v, (np.floating, float)) else v for k, v in row.items()}
+  if jax.process_index() == 0:
+    picture = round_dir.parent / f"{round_dir.name}.png"
+    if out["samples"].ndim == 4:
+      visualize.save_image_grid(picture, out["samples"][:64] / 255.0)
+    else:
+      visualize.save_scatter(picture, out["samples"], reference=features.reference.features)
+    path.write_text(json.dumps(row, indent=2) + "\n")
+  return row

@@ -25,26 +25,19 @@ called once per evaluation, on the doubled batch [x; x] with labels [y; null].
 Both guided score functions are pytrees (``flax.struct``): the wrapped functions' arrays, the labels
 and the scale are leaves, so a jitted sampler given new labels or a new scale does not recompile.
 
-From a config (``--mode sample``): ``sampling_score_fns(config, sde, model, score_fn)`` reads
-``sampling.{guidance, guidance_scale, class_labels, classifier_workdir}`` and returns the score
-function of each batch of samples with its labels; the classifier is restored from its own run.
+From a config (``--mode sample``): ``builders.build_guided_score_fns``.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from etils import epath
 from flax import struct
 
-from score_sde import checkpoints
 from score_sde import sde as sde_lib
-from score_sde.models import wrapper
 
 Array = jax.Array
 ScoreFn = sde_lib.ScoreFn
@@ -179,126 +172,5 @@ def classifier_free_guided_score(cond_score_fn: ConditionalScoreFn, labels: Any,
                                    scale=_scale(scale, "guidance weight"), null_label=int(null_label))
 
 
-# --- From a config ---------------------------------------------------------------------------------
-
-
-def check_config(config: ml_collections.ConfigDict, model) -> None:
-  """Refuses sampling options that cannot work, before anything is restored or compiled.
-
-  Args:
-    config: the score model's config (``sampling.guidance`` and its keys).
-    model: its network (``models.get_model(config)``).
-
-  Raises:
-    ValueError: naming the key to set, for an unknown guidance, classifier-free guidance of an
-      unconditional network, classifier guidance without ``sampling.classifier_workdir``, or
-      ``sampling.class_labels`` that are not classes of the network.
-  """
-  s = config.sampling
-  if s.guidance not in GUIDANCES:
-    raise ValueError(f"config.sampling.guidance={s.guidance!r} is not one of {list(GUIDANCES)}; set it with "
-                     f"--config.sampling.guidance=<{'|'.join(GUIDANCES)}>.")
-  num_classes = wrapper.num_classes_of(model)
-  if s.guidance == "classifier_free" and not num_classes:
-    raise ValueError("Classifier-free guidance needs a class-conditional network: set config.model.num_classes to "
-                     "the number of classes and train with config.training.label_dropout > 0 (e.g. 0.1), or set "
-                     "config.sampling.guidance to 'classifier' (with sampling.classifier_workdir) or 'none'.")
-  if s.guidance == "classifier" and not s.classifier_workdir:
-    raise ValueError("Classifier guidance needs a trained noise-conditional classifier: set "
-                     "config.sampling.classifier_workdir to the workdir of a run of a training.objective="
-                     "'classifier' config (e.g. configs/classifier/digits_wrn.py).")
-  if s.class_labels and s.guidance == "none" and not num_classes:
-    raise ValueError("config.sampling.class_labels were given, but the network is unconditional and "
-                     "config.sampling.guidance='none'; set sampling.guidance='classifier' (with "
-                     "sampling.classifier_workdir) or train a class-conditional network (model.num_classes).")
-  labels = np.asarray(tuple(s.class_labels))
-  if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0
-                      or (num_classes and labels.max() >= num_classes)):
-    raise ValueError(f"config.sampling.class_labels={tuple(s.class_labels)} must be classes 0..C-1"
-                     f"{f' (C = {num_classes})' if num_classes else ''}; set --config.sampling.class_labels.")
-
-
-def _classifier_config(workdir: epath.Path) -> ml_collections.ConfigDict:
-  path = workdir / "config.json"
-  if not path.exists():
-    raise ValueError(f"config.sampling.classifier_workdir={str(workdir)!r} holds no config.json of a classifier "
-                     f"run; set it to the workdir of `main.py --mode train --config configs/classifier/...`.")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  if config.training.objective != "classifier":
-    raise ValueError(f"config.sampling.classifier_workdir={str(workdir)!r} holds a {config.training.objective!r} "
-                     f"run, not a classifier (training.objective='classifier'); set it to a classifier's workdir.")
-  return config
-
-
-def _check_same_noise(config: ml_collections.ConfigDict, sde: sde_lib.SDE, classifier_config, classifier_sde) -> None:
-  """The classifier must have seen the score model's data scaling and noise, sigma_t at every t."""
-  from score_sde import train  # pylint: disable=g-import-not-at-top  (train imports the package's heavy parts)
-  shape, classifier_shape = train.example_shape(config), train.example_shape(classifier_config)
-  if shape != classifier_shape or config.data.centered != classifier_config.data.centered:
-    raise ValueError(f"The classifier was trained on examples of shape {classifier_shape} with data.centered="
-                     f"{classifier_config.data.centered}, the score model on {shape} with data.centered="
-                     f"{config.data.centered}; train the classifier on the same data and scaling.")
-  t = jnp.linspace(1e-3, sde.T, 17)
-  if not np.allclose(np.stack(sde.alpha_sigma(t)), np.stack(classifier_sde.alpha_sigma(t)), rtol=1e-5, atol=1e-6):
-    raise ValueError(f"The classifier was trained on the noise of {classifier_sde!r}, the score model uses "
-                     f"{sde!r}; train the classifier with the score model's training.sde and model.beta_* / "
-                     f"model.sigma_* values.")
-
-
-def sampling_score_fns(config: ml_collections.ConfigDict, sde: sde_lib.SDE, model, score_fn: ScoreFn, *,
-                       devices: list[jax.Device] | None = None
-                       ) -> Callable[[int, int], tuple[ScoreFn, np.ndarray | None]]:
-  """The score function of each batch of samples under ``config.sampling``'s guidance.
-
-  Sample i has class ``class_labels[i % n]`` (``sampling.class_labels``, or class i mod C when
-  empty). ``guidance`` is ``none`` (the model's own score; for a class-conditional network its
-  conditional score s(x, t | y)), ``classifier`` (the classifier of ``sampling.classifier_workdir``,
-  scale ``guidance_scale``) or ``classifier_free`` (weight w = ``guidance_scale``).
-
-  Args:
-    config: the score model's config.
-    sde, model, score_fn: ``train.restore_for_inference``'s SDE, network and score function.
-    devices: where to place the classifier's parameters.
-
-  Returns:
-    ``for_batch(first, size) -> (score_fn, labels (size,) or None)`` for samples first..first+size-1.
-
-  Raises:
-    ValueError: see ``check_config``; and for a classifier workdir without a classifier run or a
-      checkpoint, or one trained on other data or noise.
-  """
-  check_config(config, model)
-  s = config.sampling
-  num_classes = wrapper.num_classes_of(model)
-  if s.guidance == "none" and not num_classes:
-    return lambda first, size: (score_fn, None)
-  logit_fn = None
-  if s.guidance == "classifier":
-    from score_sde import train  # pylint: disable=g-import-not-at-top
-    workdir = epath.Path(s.classifier_workdir)
-    classifier_config = _classifier_config(workdir)
-    classifier_sde = train.build_sde(classifier_config)
-    _check_same_noise(config, sde, classifier_config, classifier_sde)
-    if not checkpoints.list_steps(workdir):
-      raise ValueError(f"No classifier checkpoint in config.sampling.classifier_workdir={str(workdir)!r}; train "
-                       f"the classifier there first, or set the key to a trained classifier's workdir.")
-    _, classifier, logit_fn, _ = train.restore_classifier(classifier_config, workdir, devices=devices)
-    num_classes = classifier.num_classes
-  cycle = np.asarray(tuple(s.class_labels) or range(num_classes), np.int64)
-  if cycle.max() >= num_classes:
-    raise ValueError(f"config.sampling.class_labels={tuple(s.class_labels)} must be classes 0..{num_classes - 1}; "
-                     f"set --config.sampling.class_labels.")
-
-  def for_batch(first: int, size: int) -> tuple[ScoreFn, np.ndarray]:
-    labels = cycle[(first + np.arange(size)) % len(cycle)].astype(np.int32)
-    if s.guidance == "classifier":
-      return classifier_guided_score(score_fn, logit_fn, labels, s.guidance_scale), labels
-    if s.guidance == "classifier_free":
-      return classifier_free_guided_score(score_fn, labels, s.guidance_scale, null_label=num_classes), labels
-    return score_fn.replace(class_labels=jnp.asarray(labels)), labels
-
-  return for_batch
-
-
-__all__ = ["ClassifierFreeGuidedScore", "ClassifierGuidedScore", "GUIDANCES", "check_config",
-           "classifier_free_guided_score", "classifier_guided_score", "sampling_score_fns"]
+__all__ = ["ClassifierFreeGuidedScore", "ClassifierGuidedScore", "GUIDANCES", "classifier_free_guided_score",
+           "classifier_guided_score"]

@@ -236,6 +236,17 @@ def load_reference_stats(path: str) -> ReferenceStats:
   return ReferenceStats(stats.mu, stats.sigma, features)
 
 
+def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
+  """The energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| (V-statistics) of samples x (n, d) and y (m, d)."""
+  x, y = np.asarray(x, np.float64).reshape(len(x), -1), np.asarray(y, np.float64).reshape(len(y), -1)
+
+  def mean_distance(a: np.ndarray, b: np.ndarray) -> float:
+    d2 = np.sum(a * a, 1)[:, None] + np.sum(b * b, 1)[None, :] - 2.0 * a @ b.T
+    return float(np.mean(np.sqrt(np.maximum(d2, 0.0))))
+
+  return 2.0 * mean_distance(x, y) - mean_distance(x, x) - mean_distance(y, y)
+
+
 def compute_metrics(features: np.ndarray, logits: np.ndarray | None, reference: ReferenceStats,
                     stats: FeatureStats | None = None, num_splits: int = 1, kid_subsets: int = 100,
                     kid_subset_size: int = 1000, seed: int = 0) -> dict[str, float]:

@@ -21,8 +21,10 @@ files.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -77,6 +79,91 @@ def _build_feature_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   return jax.jit(features, out_shardings=(out, out))
 
 
+# Feature networks of sample quality by ``config.eval.feature_network`` ("" picks by data set: ``feature_network_of``).
+FEATURE_NETWORKS = ("inception", "digits", "points")
+_REFERENCE_POINTS = 2000  # held-out points of a 2-D set the energy distance compares samples with
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureNetwork:
+  """Features of uint8 images, ``fn(images (B, H, W, C)) -> (features (B, d), logits (B, K))`` (batch-sharded),
+  with the reference statistics of the data set in the same space."""
+
+  name: str
+  fn: Callable[[Array], tuple[Array, Array]]
+  reference: metrics.ReferenceStats
+  density: Any = None
+
+  def scores(self, out: dict[str, Any], *, kid_subsets: int, kid_subset_size: int, seed: int) -> dict[str, float]:
+    """FID / KID / IS (``inception``); FD / KID in the digits classifier's space and the accuracy of the
+    classes of class-conditional samples (``digits``); or the energy distance to held-out points and the
+    exact mean log-density of the samples where the set has one (``points``), of ``sample_features``' output."""
+    if self.name == "points":
+      scores = {"energy_distance": metrics.energy_distance(out["features"], self.reference.features)}
+      if self.density is not None:
+        scores["sample_logp"] = float(np.mean(np.asarray(self.density.log_prob(jnp.asarray(out["features"])))))
+      return scores
+    size = min(kid_subset_size, len(out["features"]))
+    if self.name == "inception":
+      return metrics.compute_metrics(out["features"], out["logits"], self.reference, kid_subsets=kid_subsets,
+                                     kid_subset_size=size, seed=seed)
+    found = metrics.compute_metrics(out["features"], None, self.reference, kid_subsets=kid_subsets,
+                                    kid_subset_size=size, seed=seed)
+    scores = {"fd_digits": found["fid"], "kid_digits": found["kid"], "kid_digits_std": found["kid_std"]}
+    if out.get("labels") is not None:
+      scores["class_accuracy"] = float(np.mean(np.argmax(out["logits"], axis=1) == out["labels"]))
+    return scores
+
+
+def feature_network_of(config: ml_collections.ConfigDict) -> str:
+  """``config.eval.feature_network``, or when "": ``points`` for 2-D sets, ``digits`` for the digits sets, else
+  ``inception``."""
+  name, dataset = config.eval.feature_network, config.data.dataset.lower()
+  if name:
+    if name not in FEATURE_NETWORKS:
+      raise ValueError(f"config.eval.feature_network={name!r} is not one of {list(FEATURE_NETWORKS)}; set "
+                       f"--config.eval.feature_network (or leave it empty to choose by data set).")
+    return name
+  if dataset in datasets.TOY_DATASETS:
+    return "points"
+  return "digits" if dataset in ("digits", "digits_rgb") else "inception"
+
+
+def get_feature_network(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                        cache_dir: str | epath.PathLike) -> FeatureNetwork:
+  """The feature network ``config.eval.feature_network`` with its reference statistics.
+
+  ``inception``: the FID Inception (``eval.inception_path``) and ``eval.fid_stats_path``. ``digits``: a
+  classifier of the data set's training split (``digits_features``, trained once and kept in ``cache_dir``),
+  referenced to the features of that split.
+
+  Raises:
+    FileNotFoundError: for missing Inception weights or reference statistics (with where to get them).
+  """
+  name = feature_network_of(config)
+  if name == "points":
+    dataset = config.data.dataset.lower()
+    points = datasets.toy_source(dataset, "test").images[:_REFERENCE_POINTS]
+    density = datasets.toy_density(dataset) if dataset in datasets.TOY_DENSITIES else None
+    fn = jax.jit(lambda x: (x.reshape(x.shape[0], -1), jnp.zeros((x.shape[0], 1))),
+                 out_shardings=(parallel.batch_sharding(mesh),) * 2)
+    return FeatureNetwork(name, fn, metrics.ReferenceStats(mu=points.mean(0), sigma=np.cov(points.T),
+                                                            features=points), density)
+  if name == "inception":
+    return FeatureNetwork(name, get_feature_fn(config, mesh), metrics.load_reference_stats(config.eval.fid_stats_path))
+  from score_sde import digits_features  # pylint: disable=g-import-not-at-top
+  dataset = config.data.dataset.lower()
+  network = digits_features.load_or_train(dataset, cache_dir)
+  logging.info("digits feature network: %.1f%% accuracy on the %s test split.", 100 * network.test_accuracy,
+               dataset)
+  train_images = datasets.IMAGE_DATASETS[dataset].source("train", None).images
+  features = np.asarray(network.apply(jnp.asarray(train_images))[0], np.float64)
+  stats = metrics.FeatureStats.from_features(features)
+  sharding = parallel.batch_sharding(mesh)
+  fn = jax.jit(network.apply, out_shardings=(sharding, sharding))
+  return FeatureNetwork(name, fn, metrics.ReferenceStats(mu=stats.mu, sigma=stats.sigma, features=features))
+
+
 def quantise(x: Array) -> Array:
   """Samples in [0, 1] as the uint8 pixels a saved image would hold."""
   return jnp.round(jnp.clip(x * 255.0, 0.0, 255.0)).astype(jnp.uint8)
@@ -101,51 +188,65 @@ def _save_atomic(path: epath.Path, **arrays: np.ndarray) -> None:
   os.replace(os.fspath(tmp), os.fspath(path))
 
 
-def sample_features(config: ml_collections.ConfigDict, draw: Callable, score_fn: Any, key: Array,
+def sample_features(config: ml_collections.ConfigDict, draw: Callable, score_fn_for: Callable, key: Array,
                     mesh: jax.sharding.Mesh, round_dir: str | epath.PathLike,
-                    feature_fn: Callable | None = None) -> dict[str, np.ndarray]:
+                    feature_fn: Callable) -> dict[str, Any]:
   """Generates ``config.eval.num_samples`` samples in resumable rounds and returns their features.
 
   Args:
     config: reads ``sampling.batch_size`` and ``eval.num_samples``.
-    draw: ``draw(key, score_fn, first_index) -> uint8 samples`` (B, H, W, C), batch-sharded, for
+    draw: ``draw(key, score_fn, first_index) -> (uint8 samples (B, H, W, C) batch-sharded, nfe)`` for
       batches of B = ``sampling.batch_size`` (the sampler, inverse scaler and ``quantise``).
-    score_fn: the score function (a pytree callable, e.g. the EMA network's).
+    score_fn_for: ``score_fn_for(first, size) -> (score_fn, labels (size,) or None)``, the score
+      function of samples first..first+size-1 (``builders.build_guided_score_fns``).
     key: the sampling key of this checkpoint.
     mesh: the device mesh.
-    round_dir: where the rounds' files go (one folder per checkpoint).
-    feature_fn: ``get_feature_fn(config, mesh)`` (built here if None).
+    round_dir: where the rounds' files go (one folder per checkpoint and sampler).
+    feature_fn: ``images -> (features (B, d), logits (B, K))``, batch-sharded (``FeatureNetwork.fn``).
 
   Returns:
-    {"pool3": (N, 2048), "logits": (N, 1008), "samples": (N, H, W, C) uint8} of all N samples, on
-    every host.
+    {"features": (N, d), "logits": (N, K), "samples": (N, H, W, C) uint8, "labels": (N,) or None,
+    "nfe": score evaluations per sample, "samples_per_second": of the rounds computed here (after the
+    first, compiling one when there are several; None when every round was read back)}, on every host.
   """
-  feature_fn = feature_fn or get_feature_fn(config, mesh)
   batch = config.sampling.batch_size
   parallel.check_batch_size(batch, mesh, "sampling.batch_size")
   rounds = math.ceil(config.eval.num_samples / batch)
   round_dir = epath.Path(round_dir)
   round_dir.mkdir(parents=True, exist_ok=True)
   sharding = parallel.batch_sharding(mesh)
-  gathered = {"samples": [], "pool3": [], "logits": []}
+  gathered = {"samples": [], "features": [], "logits": []}
+  labels, nfe, timed = [], 0, []
   for r in range(rounds):
     path = round_dir / f"round_{r}_host_{jax.process_index()}.npz"
+    fn, round_labels = score_fn_for(r * batch, batch)
     if parallel.all_processes(path.exists()):  # finished before an interruption, on every host: rebuild
       # the global arrays from each host's own rows (a round that some host lacks is redone by all).
       with path.open("rb") as f, np.load(f) as data:
         local = {name: data[name] for name in gathered}
+        nfe = int(data["nfe"])
       arrays = {name: jax.make_array_from_process_local_data(
           sharding, value, (batch,) + value.shape[1:]) for name, value in local.items()}
     else:
-      images = draw(key, score_fn, jnp.int32(r * batch))
-      pool3, logits = feature_fn(images)
-      arrays = {"samples": images, "pool3": pool3, "logits": logits}
-      _save_atomic(path, **{name: _local_rows(value) for name, value in arrays.items()})
+      started = time.perf_counter()
+      images, round_nfe = draw(key, fn, jnp.int32(r * batch))
+      features, logits = feature_fn(images)
+      arrays = {"samples": images, "features": features, "logits": logits}
+      jax.block_until_ready(arrays)
+      if r > 0 or rounds == 1:
+        timed.append((batch, time.perf_counter() - started))
+      nfe = int(round_nfe)
+      _save_atomic(path, nfe=np.asarray(nfe), **{name: _local_rows(value) for name, value in arrays.items()})
     for name, value in arrays.items():
       gathered[name].append(np.asarray(multihost_utils.process_allgather(value, tiled=True)))
+    labels.append(round_labels)
     logging.info("sampling round %d/%d done (%d samples).", r + 1, rounds, (r + 1) * batch)
   n = config.eval.num_samples
-  return {name: np.concatenate(chunks)[:n] for name, chunks in gathered.items()}
+  out = {name: np.concatenate(chunks)[:n] for name, chunks in gathered.items()}
+  out["labels"] = None if labels[0] is None else np.concatenate(labels)[:n]
+  out["nfe"] = nfe
+  out["samples_per_second"] = (sum(b for b, _ in timed) / sum(t for _, t in timed)) if timed else None
+  return out
 
 
 def fid_stats(config: ml_collections.ConfigDict, out_path: str | epath.PathLike, *, split: str = "train",

@@ -75,11 +75,11 @@ def main() -> None:
   start = checkpoints.list_steps(args.workdir)
   result = train.train(toy_config(**json.loads(args.overrides)), args.workdir)
   if jax.process_index() == 0:
-    leaves = [np.asarray(x) for x in jax.tree.leaves(result["state"])]
-    np.savez(args.out, *leaves, losses=np.array([v for _, v in result["history"]["training_loss"]]),
-             start=max(start, default=0), preempted=result["preempted"], step=result["step"],
+    leaves = [np.asarray(x) for x in jax.tree.leaves(result.state)]
+    np.savez(args.out, *leaves, losses=np.array([v for _, v in result.history["training_loss"]]),
+             start=max(start, default=0), preempted=result.preempted, step=result.step,
              devices=jax.device_count())
-  print("OK", jax.process_index(), result["step"], flush=True)
+  print("OK", jax.process_index(), result.step, flush=True)
 
 
 if __name__ == "__main__":

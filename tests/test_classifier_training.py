@@ -14,6 +14,7 @@ import pytest
 
 from configs.classifier import toy_8gaussians_mlp
 from configs.toy import vp_8gaussians
+from score_sde import builders
 from score_sde import checkpoints
 from score_sde import datasets
 from score_sde import evaluate
@@ -48,21 +49,22 @@ def run(tmp_path_factory):
 
 def test_classifier_run_logs_loss_and_accuracy_and_learns(run):
   _, result = run
-  assert result["step"] == N_ITERS
-  scalars = read_scalars(result["tensorboard_dir"])
+  assert result.step == N_ITERS
+  scalars = read_scalars(result.tensorboard_dir)
   assert set(scalars) == {"training_loss", "grad_norm", "lr", "eval_loss", "eval_accuracy"}
   assert [s for s, _ in scalars["eval_accuracy"]] == [30, 60]
   assert all(0.0 <= v <= 1.0 for _, v in scalars["eval_accuracy"])
   # The mean cross-entropy of steps 41-60 is below that of steps 1-20 (log 8 = 2.08 at chance).
-  losses = [v for _, v in result["history"]["training_loss"]]
+  losses = [v for _, v in result.history["training_loss"]]
   assert losses[-1] < losses[0]
 
 
 def test_restored_classifier_is_the_ema_and_classifies_clean_points(run):
   config, result = run
-  sde, classifier, logit_fn, step = train.restore_classifier(config, result["workdir"])
-  assert step == N_ITERS and classifier.num_classes == 8
-  for a, b in zip(jax.tree.leaves(logit_fn.variables["params"]), jax.tree.leaves(result["state"].ema_params),
+  restored = builders.restore(config, result.workdir)
+  logit_fn = restored.fn
+  assert restored.step == N_ITERS and restored.network.num_classes == 8
+  for a, b in zip(jax.tree.leaves(logit_fn.variables["params"]), jax.tree.leaves(result.state.ema_params),
                   strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Accuracy on 1000 held-out points at the noise-free end (t = 1e-3). The components are 5.4 std
@@ -73,7 +75,7 @@ def test_restored_classifier_is_the_ema_and_classifies_clean_points(run):
   assert accuracy > 0.5, accuracy
   # A classifier run is not a score model.
   with pytest.raises(ValueError, match="classifier_workdir"):
-    train.restore_for_inference(config, result["workdir"])
+    builders.restore_score_model(config, result.workdir)
 
 
 def test_mode_sample_with_classifier_guidance(run, tmp_path):
@@ -82,12 +84,12 @@ def test_mode_sample_with_classifier_guidance(run, tmp_path):
   config = vp_8gaussians.get_config()
   config.model.hidden_dims = (16, 16)
   config.sampling.update(batch_size=16, num_steps=4, guidance="classifier", guidance_scale=1.0,
-                         classifier_workdir=result["workdir"], class_labels=(5,))
+                         classifier_workdir=result.workdir, class_labels=(5,))
   config.eval.num_samples = 16
   # The score model's workdir: an untrained network's checkpoint (sampling reads its EMA weights).
   params = wrapper.init_model(jax.random.key(0), models.get_model(config), (1, 2))["params"]
   ckpt = checkpoints.Checkpointer(tmp_path, snapshot_freq=1, preemption_freq=1)
-  ckpt.save(1, losses.init_train_state(params, train.build_optimizer(config)), {}, force=True)
+  ckpt.save(1, losses.init_train_state(params, builders.build_optimizer(config)), {}, force=True)
   ckpt.close()
   sampled = evaluate.sample(config, tmp_path, tmp_path / "eval")
   assert sampled["samples"].shape == (16, 2) and sampled["non_finite"] == 0
@@ -96,4 +98,5 @@ def test_mode_sample_with_classifier_guidance(run, tmp_path):
   # The classifier was trained on VP noise: guiding a VE score model is refused, naming the keys.
   config.training.sde = "vesde"
   with pytest.raises(ValueError, match="training.sde"):
-    guidance.sampling_score_fns(config, train.build_sde(config), models.get_model(config), None)
+    builders.build_guided_score_fns(config, builders.Restored(sde=builders.build_sde(config),
+                                                              network=models.get_model(config), fn=None, step=0))

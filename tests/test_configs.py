@@ -14,7 +14,7 @@ import pytest
 
 from score_sde import models
 from score_sde import train
-from score_sde import validation
+from score_sde import builders
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Every configs/**/*.py with get_config(): score models and classifiers (training.objective).
@@ -40,12 +40,12 @@ def test_the_embedded_configs_are_there():
 
 def build(name):
   config = load(name)
-  validation.validate(config)
+  builders.validate(config)
   t = config.training
-  example = train.example_shape(config)
-  sde = train.build_sde(config)
-  model = train.build_network(config)
-  fns = train.build_step_fns(config, sde, model, example)
+  example = builders.example_shape(config)
+  sde = builders.build_sde(config)
+  model = builders.build_network(config)
+  fns = builders.build_step_fns(config, sde, model, example)
   batch_shape = ((t.n_jitted_steps,) if t.n_jitted_steps > 1 else ()) + (t.batch_size,) + example
   return config, model, fns, batch_shape
 

@@ -396,6 +396,84 @@ def test_image_folder_data_set(tmp_path):
   assert sum(int(b["mask"].sum()) for b in batches) == 5
 
 
+def _mixed_folder(root, rng):
+  """Seven images of different sizes, modes and formats (one in a subfolder); returns their paths."""
+  root.mkdir(parents=True, exist_ok=True)
+  (root / "more").mkdir(exist_ok=True)
+  rgb = lambda h, w: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+  images = {"a_rgb_wide.png": PIL.Image.fromarray(rgb(10, 16)),
+            "b_grey_tall.png": PIL.Image.fromarray(rng.integers(0, 256, (20, 12), dtype=np.uint8)),
+            "c_rgba.png": PIL.Image.fromarray(rng.integers(0, 256, (12, 12, 4), dtype=np.uint8)),
+            "d_palette.png": PIL.Image.fromarray(rgb(14, 14)).convert("P"),
+            "e_photo.jpg": PIL.Image.fromarray(rgb(9, 20)),
+            "f_small.jpeg": PIL.Image.fromarray(rgb(5, 6)),
+            "more/g_square.png": PIL.Image.fromarray(rgb(8, 8))}
+  for name, image in images.items():
+    image.save(root / name)
+  return sorted(root / name for name in images)
+
+
+def test_image_folder_of_mixed_sizes_and_modes_reads_lazily_and_crops_to_square(tmp_path):
+  paths = _mixed_folder(tmp_path / "photos", np.random.default_rng(0))
+  config = _config("image_folder", image_size=8, random_flip=False, data_dir=str(tmp_path / "photos"))
+  config.eval.batch_size = 4
+  train_ds, eval_ds = datasets.get_dataset(config, evaluation=True)
+  assert train_ds.num_examples == 7 and "the training images themselves" in eval_ds.source_note
+  source = datasets.folder_source("train", str(tmp_path / "photos"))
+  assert isinstance(source, datasets.ImageFileSource)         # files, read when a batch needs them
+  images = np.concatenate([b["image"][b["mask"]] for b in train_ds.make_iterator()])
+  assert images.shape == (7, 8, 8, 3)
+  # Each file: converted to RGB, its central square resized bilinearly (PIL, uint8).
+  for image, path in zip(images, paths):
+    with PIL.Image.open(path) as f:
+      rgb = np.asarray(f.convert("RGBA").convert("RGB"))
+    side = min(rgb.shape[:2])
+    top, left = (rgb.shape[0] - side) // 2, (rgb.shape[1] - side) // 2
+    expected = datasets._resize(rgb[top:top + side, left:left + side], 8, 8)
+    np.testing.assert_array_equal(np.round(image * 255).astype(np.uint8), expected)
+  # Greyscale on request: every mode becomes one channel.
+  config.data.num_channels = 1
+  assert next(datasets.get_dataset(config, evaluation=True)[0].make_iterator())["image"].shape == (4, 8, 8, 1)
+
+
+def test_image_folder_held_out_splits(tmp_path):
+  rng = np.random.default_rng(1)
+  paths = _mixed_folder(tmp_path / "photos", rng)
+  config = _config("image_folder", image_size=8, random_flip=False, data_dir=str(tmp_path / "photos"))
+  config.data.test_fraction = 0.3                                     # round(0.3 * 7) = 2 held out
+  train_ds, eval_ds = datasets.get_dataset(config, evaluation=True)
+  assert (train_ds.num_examples, eval_ds.num_examples) == (5, 2) and "not used for training" in eval_ds.source_note
+  train = datasets.folder_source("train", str(tmp_path / "photos"), test_fraction=0.3).paths
+  test = datasets.folder_source("test", str(tmp_path / "photos"), test_fraction=0.3).paths
+  assert sorted(train + test) == paths and not set(train) & set(test)
+  # train/ and test/ folders are the splits.
+  for split, n in (("train", 3), ("test", 2)):
+    (tmp_path / "split" / split).mkdir(parents=True)
+    for i in range(n):
+      PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "split" / split / f"{i}.png")
+  config.data.update(data_dir=str(tmp_path / "split"), test_fraction=0.0)
+  train_ds, eval_ds = datasets.get_dataset(config, evaluation=True)
+  assert (train_ds.num_examples, eval_ds.num_examples) == (3, 2) and "split/test" in eval_ds.source_note
+  config.data.test_fraction = 1.0
+  with pytest.raises(ValueError, match="test_fraction=1.0 holds out 7 of 7"):
+    datasets.get_dataset(_config("image_folder", image_size=8, random_flip=False, data_dir=str(tmp_path / "photos"),
+                                 test_fraction=1.0), evaluation=True)
+
+
+def test_missing_or_empty_image_folder_says_so(tmp_path):
+  config = _config("image_folder", image_size=8, random_flip=False, data_dir=str(tmp_path / "absent"))
+  with pytest.raises(FileNotFoundError, match="data_dir=.*absent does not exist"):
+    datasets.get_dataset(config)
+  (tmp_path / "empty").mkdir()
+  config.data.data_dir = str(tmp_path / "empty")
+  with pytest.raises(FileNotFoundError, match="No .tfrecords or image files"):
+    datasets.get_dataset(config)
+  (tmp_path / "empty" / "broken.png").write_bytes(b"not a png")
+  source = datasets.folder_source("train", str(tmp_path / "empty"))
+  with pytest.raises(ValueError, match="broken.png is not a readable image"):
+    source[0]
+
+
 def test_image_folder_without_data_dir_says_what_to_set():
   with pytest.raises(FileNotFoundError, match="--config.data.data_dir"):
     datasets.get_dataset(_config("FFHQ", image_size=256, random_flip=False))
@@ -449,3 +527,16 @@ def test_dataset_tool_tfrecords_without_tensorflow(tmp_path):
   (tmp_path / "bad.tfrecords").write_bytes(data[:-50])
   with pytest.raises(ValueError, match="bad.tfrecords is truncated"):
     datasets.TFRecordSource([tmp_path / "bad.tfrecords"])
+
+
+def test_an_image_folder_of_mixed_sizes_and_modes_trains(tmp_path):
+  from score_sde import train  # pylint: disable=g-import-not-at-top
+  _mixed_folder(tmp_path / "photos", np.random.default_rng(2))
+  config = _config("image_folder", image_size=8, random_flip=True, data_dir=str(tmp_path / "photos"),
+                   test_fraction=0.3)
+  t = config.training
+  t.n_iters, t.batch_size, t.snapshot_sampling = 2, 4, False
+  t.log_freq = t.eval_freq = t.snapshot_freq = t.snapshot_freq_for_preemption = 1
+  config.model.name, config.model.hidden_dims = "mlp", (16,)
+  result = train.train(config, tmp_path / "run")
+  assert result.step == 2 and np.isfinite(result.training_loss) and np.isfinite(result.eval_loss)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from score_sde import datasets, validation
+from score_sde import builders, datasets
 
 
 def _config(**data):
@@ -33,7 +33,7 @@ def test_each_example_is_its_grey_digit_inked_in_one_palette_colour():
 
 
 def test_digits_rgb_through_the_pipeline_and_the_config_checks():
-  validation.validate(_config(num_channels=3, image_size=8))
+  builders.validate(_config(num_channels=3, image_size=8))
   train_ds, eval_ds = datasets.get_dataset(_config(num_channels=3, image_size=8), evaluation=True)
   batch = next(eval_ds.make_iterator())
   assert batch["image"].shape == (512, 8, 8, 3) and batch["image"].dtype == np.float32

@@ -35,7 +35,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 from configs.vp import digits_unet_continuous
-from score_sde import evaluate, models, parallel, sample_quality, train
+from score_sde import builders, evaluate, models, parallel, sample_quality
 from score_sde.models import wrapper
 
 config = digits_unet_continuous.get_config()
@@ -47,12 +47,12 @@ projection = jax.random.normal(jax.random.key(1), (64, 16))
 features = jax.jit(lambda images: (images.reshape(len(images), -1) / 255.0 @ projection,
                                    images.reshape(len(images), -1)[:, :8] / 255.0),
                    out_shardings=(parallel.batch_sharding(mesh),) * 2)
-sde = train.build_sde(config)
+sde = builders.build_sde(config)
 model = models.get_model(config)
-variables = wrapper.init_model(jax.random.key(0), model, (1,) + train.example_shape(config))
+variables = wrapper.init_model(jax.random.key(0), model, (1,) + builders.example_shape(config))
 score_fn = parallel.replicate(wrapper.get_score_fn(sde, model, variables, continuous=True), mesh)
 run = evaluate._sample_program(config, sde, mesh, quantised=True)
-draw = lambda key, fn, first: run(key, fn, first)[0]
+score_fn_for = lambda first, size: (score_fn, None)
 key = jax.random.key(7)
 rounds = epath.Path(out) / "rounds"
 for attempt in ("first", "again", "redo"):
@@ -61,7 +61,8 @@ for attempt in ("first", "again", "redo"):
       (rounds / f"round_1_host_{pid}.npz").unlink()
     multihost_utils.sync_global_devices("lost")
   before = {f.name: os.stat(f).st_mtime_ns for f in rounds.iterdir()} if rounds.exists() else {}
-  result = sample_quality.sample_features(config, draw, score_fn, key, mesh, rounds, features)
+  result = sample_quality.sample_features(config, run, score_fn_for, key, mesh, rounds, features)
+  result = {k: v for k, v in result.items() if v is not None}
   multihost_utils.sync_global_devices(attempt)
   if pid == 0:
     written = sorted(f.name for f in rounds.iterdir() if before.get(f.name) != os.stat(f).st_mtime_ns)
@@ -70,9 +71,9 @@ for attempt in ("first", "again", "redo"):
 if nproc == 1:  # the same samples in rounds of 2
   config.sampling.batch_size = 2
   run = evaluate._sample_program(config, sde, mesh, quantised=True)
-  result = sample_quality.sample_features(config, lambda key, fn, first: run(key, fn, first)[0], score_fn, key, mesh,
-                                          epath.Path(out) / "rounds_of_2", features)
-  np.savez(f"{out}/batch_2.npz", **result)
+  result = sample_quality.sample_features(config, run, score_fn_for, key, mesh, epath.Path(out) / "rounds_of_2",
+                                          features)
+  np.savez(f"{out}/batch_2.npz", **{k: v for k, v in result.items() if v is not None})
 print("OK", jax.process_count(), jax.device_count())
 """
 
@@ -140,7 +141,7 @@ def test_samples_do_not_depend_on_devices_or_hosts(runs):
   np.testing.assert_array_equal(result["samples"], reference["samples"])
   # The same pixels through the same projection, in batches split differently over devices (which
   # may change the matrix kernel's summation order): float32 rounding of a 64-term sum.
-  for name in ("pool3", "logits"):
+  for name in ("features", "logits"):
     np.testing.assert_allclose(result[name], reference[name], rtol=1e-5, atol=1e-5)
 
 
@@ -163,7 +164,7 @@ def test_finished_rounds_are_loaded_not_recomputed(runs):
   for case in ("one_device", "two_hosts"):
     first, again = _load(runs / case / "first.npz"), _load(runs / case / "again.npz")
     assert len(first["written"]) == 3 * (1 + (case == "two_hosts")) and len(again["written"]) == 0
-    for name in ("samples", "pool3", "logits"):
+    for name in ("samples", "features", "logits"):
       np.testing.assert_array_equal(again[name], first[name])
 
 
@@ -172,5 +173,5 @@ def test_a_round_one_host_lacks_is_redone_by_every_host(runs, case):
   first, redo = _load(runs / case / "first.npz"), _load(runs / case / "redo.npz")
   hosts = (0, 1) if case == "two_hosts" else (0,)
   assert list(redo["written"]) == [f"round_1_host_{p}.npz" for p in hosts]
-  for name in ("samples", "pool3", "logits"):
+  for name in ("samples", "features", "logits"):
     np.testing.assert_array_equal(redo[name], first[name])

@@ -15,7 +15,7 @@ from configs.vp import digits_unet_continuous
 from score_sde import evaluate
 from score_sde import sample_quality
 from score_sde import train
-from score_sde import validation
+from score_sde import builders
 from score_sde.models import inception
 
 
@@ -50,10 +50,10 @@ def run(tmp_path_factory):
   e.batch_size, e.rtol, e.atol, e.likelihood_examples = 64, 1e-2, 1e-2, 64
   e.enable_bpd, e.bpd_repeats = True, 2
   e.enable_sampling, e.num_samples = True, 25            # 3 rounds of 10, the last one partly used
-  e.inception_path = synthetic_inception(root / "inception.npz")
+  e.feature_network, e.inception_path = "inception", synthetic_inception(root / "inception.npz")
   e.inception_size, e.kid_subsets, e.kid_subset_size = 75, 5, 10
   e.fid_stats_path = str(root / "digits_stats.npz")
-  validation.validate(config)
+  builders.validate(config)
   train.train(config, root / "workdir")
   stats = sample_quality.fid_stats(config, e.fid_stats_path, split="test")
   return config, root, stats
@@ -87,7 +87,7 @@ def test_every_checkpoint_is_evaluated_and_summarised(run):
 
 def test_an_interrupted_evaluation_resumes_without_recomputing(run, monkeypatch):
   config, root, _ = run
-  reference = json.loads((root / "eval" / "ckpt_2.json").read_text()) if (root / "eval" / "ckpt_2.json").exists() \
+  reference = json.loads((root / "eval" / "ckpt_2.json").read_text())[0] if (root / "eval" / "ckpt_2.json").exists() \
       else evaluate.evaluate(config, root / "workdir", root / "eval")["rows"][1]
   out = root / "eval_killed"
   real = sample_quality.get_feature_fn(config, sample_quality.parallel.make_mesh())
@@ -103,7 +103,7 @@ def test_an_interrupted_evaluation_resumes_without_recomputing(run, monkeypatch)
   with pytest.raises(KeyboardInterrupt):
     evaluate.evaluate(config, root / "workdir", out)
   assert (out / "ckpt_1.json").exists() and not (out / "ckpt_2.json").exists()
-  first_round = out / "ckpt_2" / "samples" / "round_0_host_0.npz"
+  first_round = out / "ckpt_2" / f"samples_{builders.sampler_tag(config)}" / "round_0_host_0.npz"
   mtime = first_round.stat().st_mtime_ns
   calls.clear()
   monkeypatch.setattr(sample_quality, "get_feature_fn", lambda config, mesh: lambda images: (calls.append(1),
@@ -113,3 +113,21 @@ def test_an_interrupted_evaluation_resumes_without_recomputing(run, monkeypatch)
   assert first_round.stat().st_mtime_ns == mtime
   for key in ("eval_loss", "bpd", "fid", "kid", "is"):
     assert rows[1][key] == pytest.approx(reference[key], rel=1e-5, abs=1e-6), key
+
+
+def test_a_sampler_sweep_gives_one_row_per_checkpoint_and_sampler(run):
+  """``eval.samplers``: each setting's samples, NFE, rate and quality in the digits classifier's feature space."""
+  config, root, _ = run
+  config = config.copy_and_resolve_references()
+  config.eval.update(samplers=("pc", "euler:nfe=3", "unipc:nfe=4,order=2,noise_removal=False"),
+                     feature_network="digits", enable_loss=False, enable_bpd=False, end_ckpt=1)
+  builders.validate(config)
+  rows = evaluate.evaluate(config, root / "workdir", root / "eval_sweep")["rows"]
+  assert [(row["step"], row["sampler"], row["nfe"]) for row in rows] == [
+      (2, "pc-euler_maruyama-none-4", 4), (2, "euler-nfe3", 3), (2, "unipc-nfe4-order2-nodenoise", 4)]
+  for row in rows:
+    assert row["fd_digits"] > 0 and np.isfinite(row["kid_digits"]) and row["samples_per_second"] > 0
+  csv = (root / "eval_sweep" / "summary.csv").read_text().splitlines()
+  assert len(csv) == 4 and csv[0].startswith("ckpt,step,sampler")
+  # Resumed: every row is read back, nothing is sampled again.
+  assert evaluate.evaluate(config, root / "workdir", root / "eval_sweep")["rows"] == rows

@@ -91,10 +91,10 @@ def test_skip_policy_in_the_loop_counts_and_logs_skipped_steps(tmp_path, monkeyp
   _nan_from(monkeypatch, 3, 3)
   caplog.set_level(logging.INFO, logger="absl")
   result = train.train(toy_config(**FAULTY), tmp_path)
-  assert result["step"] == 8 and result["skipped_steps"] == 1
-  assert result["history"]["skipped_steps"] == [(4, 1), (8, 0)]
-  assert all(np.isfinite(v) for _, v in result["history"]["training_loss"])  # the mean of steps 1, 2, 4
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(result["state"])))
+  assert result.step == 8 and result.skipped_steps == 1
+  assert result.history["skipped_steps"] == [(4, 1), (8, 0)]
+  assert all(np.isfinite(v) for _, v in result.history["training_loss"])  # the mean of steps 1, 2, 4
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(result.state)))
   assert any("step 4/8" in r.getMessage() and "1 step(s) skipped" in r.getMessage() for r in caplog.records)
   assert checkpoints.list_steps(tmp_path) == [4, 6, 8]
 
@@ -129,7 +129,7 @@ def test_failed_save_names_the_directory_and_keeps_earlier_checkpoints(tmp_path,
   monkeypatch.undo()
   assert checkpoints.list_steps(tmp_path) == [2, 4]
   resumed = train.train(toy_config(**FAULTY), tmp_path)
-  assert resumed["step"] == 8 and [s for s, _ in resumed["history"]["training_loss"]] == [8]
+  assert resumed.step == 8 and [s for s, _ in resumed.history["training_loss"]] == [8]
   assert checkpoints.list_steps(tmp_path) == [4, 6, 8]
 
 

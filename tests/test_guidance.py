@@ -22,7 +22,7 @@ from score_sde import guidance
 from score_sde import losses
 from score_sde import sampling
 from score_sde import sde as sde_lib
-from score_sde import validation
+from score_sde import builders
 from score_sde.models import mlp
 from score_sde.models import unet
 from score_sde.models import wrapper
@@ -235,29 +235,29 @@ def test_sampling_config_errors_name_the_key_to_set(tmp_path):
   unconditional = cfg_config(guidance="classifier_free")
   unconditional.model.num_classes = 0
   with pytest.raises(ValueError, match="config.model.num_classes"):
-    validation.validate(unconditional)
+    builders.validate(unconditional)
   with pytest.raises(ValueError, match="config.sampling.classifier_workdir"):
-    validation.validate(cfg_config(guidance="classifier"))
+    builders.validate(cfg_config(guidance="classifier"))
   with pytest.raises(ValueError, match="sampling.class_labels"):
-    validation.validate(cfg_config(guidance="classifier_free", class_labels=(1, 8)))
+    builders.validate(cfg_config(guidance="classifier_free", class_labels=(1, 8)))
   with pytest.raises(ValueError, match="sampling.guidance"):
-    validation.validate(cfg_config(guidance="cfg"))
+    builders.validate(cfg_config(guidance="cfg"))
   bad_dropout = cfg_config()
   bad_dropout.training.label_dropout = 1.5
   with pytest.raises(ValueError, match="training.label_dropout"):
-    validation.validate(bad_dropout)
+    builders.validate(bad_dropout)
   # A classifier workdir without a classifier run, then without a checkpoint.
   config = cfg_config(guidance="classifier", classifier_workdir=str(tmp_path))
-  sde, model = sde_lib.VPSDE(), mlp.MLP(num_classes=8)
-  with pytest.raises(ValueError, match="holds no config.json"):
-    guidance.sampling_score_fns(config, sde, model, None)
+  restored = builders.Restored(sde=sde_lib.VPSDE(), network=mlp.MLP(num_classes=8), fn=None, step=0)
+  with pytest.raises(FileNotFoundError, match="holds no config.json"):
+    builders.build_guided_score_fns(config, restored)
   classifier_config = default.get_default_configs()
   classifier_config.training.objective = "classifier"
   classifier_config.data.update(dataset="8gaussians", image_size=0, num_channels=0)
   (tmp_path / "config.json").write_text(classifier_config.to_json_best_effort())
-  with pytest.raises(ValueError, match="No classifier checkpoint in config.sampling.classifier_workdir"):
-    guidance.sampling_score_fns(config, sde, model, None)
+  with pytest.raises(FileNotFoundError, match="No classifier checkpoint in config.sampling.classifier_workdir"):
+    builders.build_guided_score_fns(config, restored)
   classifier_config.training.sde = "vesde"
   (tmp_path / "config.json").write_text(classifier_config.to_json_best_effort())
   with pytest.raises(ValueError, match="training.sde"):
-    guidance.sampling_score_fns(config, sde, model, None)
+    builders.build_guided_score_fns(config, restored)

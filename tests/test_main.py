@@ -13,10 +13,11 @@ import pytest
 
 from configs.toy import vp_8gaussians
 from configs.vp import digits_unet_continuous
+from score_sde import convert
 from score_sde import datasets
 from score_sde import evaluate
 from score_sde import train
-from score_sde import validation
+from score_sde import builders
 from tests import notebooks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -79,18 +80,41 @@ def test_cli_train_then_eval_and_summary(tmp_path):
   assert "100 samples (20 score evaluations each, 0 non-finite)" in proc.stdout
   assert "likelihood of 100 test examples" in proc.stdout and "nats" in proc.stdout
   assert "the data's exact density" in proc.stdout
-  assert PIL.Image.open(workdir / "eval" / "samples_20.png").size[0] > 100
-  assert np.load(workdir / "eval" / "samples_20.npz")["samples"].shape == (100, 2)
-  assert np.load(workdir / "eval" / "likelihood_test_20.npz")["values"].shape == (100,)
+  pc = "samples_20_pc-euler_maruyama-none-20"               # outputs name their setting
+  assert PIL.Image.open(workdir / "eval" / f"{pc}.png").size[0] > 100
+  assert np.load(workdir / "eval" / f"{pc}.npz")["samples"].shape == (100, 2)
+  assert np.load(workdir / "eval" / "likelihood_test_20_exact-tol1e-05-eps1e-05.npz")["values"].shape == (100,)
   assert json.loads((workdir / "config.json").read_text())["training"]["n_iters"] == 20
+  pc_picture = (workdir / "eval" / f"{pc}.png").read_bytes()
 
+  # Every sampler from flags: UniPC at 10 evaluations writes beside the PC samples, which stay.
+  proc = run_main("--config", "configs/toy/vp_8gaussians.py", "--workdir", str(workdir), "--mode", "sample", *TINY,
+                  "--config.sampling.method=unipc", "--config.sampling.nfe=10")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "100 samples (10 score evaluations each, 0 non-finite)" in proc.stdout
+  assert np.load(workdir / "eval" / "samples_20_unipc-nfe10.npz")["samples"].shape == (100, 2)
+  assert (workdir / "eval" / f"{pc}.png").read_bytes() == pc_picture
+  # The same command again keeps the result; other settings under the same name are refused.
+  proc = run_main("--config", "configs/toy/vp_8gaussians.py", "--workdir", str(workdir), "--mode", "sample", *TINY,
+                  "--config.sampling.method=unipc", "--config.sampling.nfe=10")
+  assert proc.returncode == 0 and "kept from an earlier run" in proc.stdout, proc.stderr[-3000:]
+  proc = run_main("--config", "configs/toy/vp_8gaussians.py", "--workdir", str(workdir), "--mode", "sample", *TINY,
+                  "--config.sampling.method=unipc", "--config.sampling.nfe=10", "--config.eval.num_samples=60")
+  assert proc.returncode == 1 and "holds a result of other settings (num_samples differ)" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+  # Evaluation with three samplers: one row per checkpoint and sampler.
   proc = run_main("--config", "configs/toy/vp_8gaussians.py", "--workdir", str(workdir), "--mode", "eval",
-                  "--eval_folder", "eval2", *TINY)
+                  "--eval_folder", "eval2", *TINY, "--config.eval.enable_sampling=True",
+                  "--config.eval.samplers=('pc', 'euler:nfe=5', 'unipc:nfe=10,order=2')")
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads((workdir / "eval2" / "summary.json").read_text())
-  assert [row["step"] for row in rows] == [20]               # checkpoint 1 = step 1 * snapshot_freq
-  assert np.isfinite(rows[0]["eval_loss"]) and np.isfinite(rows[0]["logp_nats"])
-  assert "eval_loss" in proc.stdout
+  assert [(row["step"], row["sampler"], row["nfe"]) for row in rows] == [   # checkpoint 1 = step 1 * snapshot_freq
+      (20, "pc-euler_maruyama-none-20", 20), (20, "euler-nfe5", 5), (20, "unipc-nfe10-order2", 10)]
+  for row in rows:
+    assert np.isfinite(row["eval_loss"]) and np.isfinite(row["logp_nats"]) and row["energy_distance"] > 0
+    assert row["sample_logp"] < 0                           # the exact density of the samples, in nats
+  assert "eval_loss" in proc.stdout and len((workdir / "eval2" / "summary.csv").read_text().splitlines()) == 4
 
   proc = run_main("--config", "configs/vp/digits_unet_continuous.py", "--mode", "summary")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -99,22 +123,49 @@ def test_cli_train_then_eval_and_summary(tmp_path):
   assert "training:" in proc.stdout                         # the resolved config follows
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--config.training.sde=vpsd", "config.training.sde='vpsd' is not one of"),
-    ("--config.sampling.predictor=euler", "config.sampling.predictor='euler' is not one of"),
-    ("--config.training.unknown_key=1", "unknown_key"),
-])
-def test_cli_bad_config_is_a_clear_error(flag, message, tmp_path):
-  proc = run_main("--config", "configs/toy/vp_8gaussians.py", "--workdir", str(tmp_path), flag, timeout=120)
-  assert proc.returncode != 0
-  assert message in proc.stderr
-  assert not (tmp_path / "checkpoints").exists()             # refused before anything ran
+# Bad input on the command line: (arguments after --config, the message). ``{tmp}`` is the test's directory.
+BAD_INPUT = {
+    "misspelt override": (("--config.training.batch_sise=3",),
+                          "unknown config field training.batch_sise; did you mean training.batch_size?"),
+    "misspelt config file": (("--config=configs/toy/vp_8gaussian.py",),
+                             "config file configs/toy/vp_8gaussian.py does not exist; did you mean "
+                             "configs/toy/vp_8gaussians.py?"),
+    "value of the wrong type": (("--config.training.batch_size=abc",), "invalid literal for int()"),
+    "unknown name": (("--config.training.sde=vpsd",), "config.training.sde='vpsd' is not one of"),
+    "unknown predictor": (("--config.sampling.predictor=euler",),
+                          "config.sampling.predictor='euler': Unknown predictor 'euler'; valid choices"),
+    "impossible sampler option": (("--config.sampling.method=unipc", "--config.sampling.order=5"),
+                                  "config.sampling.order=5"),
+    "workdir is a file": (("--workdir={tmp}/file",), "is a file, not a directory"),
+    "nothing trained": (("--workdir={tmp}/run", "--mode=sample"), "holds no checkpoint, so there is nothing to "
+                                                                  "sample; train there first"),
+    "missing image folder": (("--config.data.dataset=image_folder", "--config.data.data_dir={tmp}/photos",
+                              "--config.data.image_size=8", "--config.data.num_channels=3", "--config.model.name=unet",
+                              "--workdir={tmp}/run"), "{tmp}/photos does not exist"),
+    "missing weights": (("--mode=import", "--source={tmp}/checkpoint_8.pth", "--workdir={tmp}/run"),
+                        "--source {tmp}/checkpoint_8.pth does not exist"),
+    "import without a source": (("--mode=import", "--workdir={tmp}/run"), "--mode=import needs --source"),
+}
 
 
-def test_cli_sample_without_a_checkpoint_says_train_first(tmp_path):
-  proc = run_main("--config", "configs/toy/vp_8gaussians.py", "--workdir", str(tmp_path), "--mode", "sample",
-                  timeout=120)
-  assert proc.returncode != 0 and "train first" in proc.stderr
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_cli_bad_input_is_a_short_message(case, tmp_path):
+  (tmp_path / "file").write_text("")
+  args, message = BAD_INPUT[case]
+  args = [a.format(tmp=tmp_path) for a in args]
+  if not any(a.startswith("--workdir") for a in args):
+    args.append(f"--workdir={tmp_path}/run")
+  proc = run_main("--config", "configs/toy/vp_8gaussians.py", *args, timeout=120)
+  assert proc.returncode in (1, 2), proc.stderr[-3000:]
+  assert message.format(tmp=tmp_path) in proc.stderr, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 4, proc.stderr
+  assert not (tmp_path / "run" / "checkpoints").exists()     # refused before anything ran
+
+
+def test_cli_show_traceback_shows_where_an_error_was_raised(tmp_path):
+  proc = run_main("--config", "configs/toy/vp_8gaussians.py", f"--workdir={tmp_path}", "--config.training.sde=vpsd",
+                  "--show_traceback", timeout=120)
+  assert proc.returncode != 0 and "Traceback" in proc.stderr and "builders.py" in proc.stderr
 
 
 def test_samples_do_not_depend_on_the_batch_size(toy_run, tmp_path):
@@ -153,7 +204,7 @@ def test_digits_bits_per_dim_on_every_test_image(tmp_path):
   config.model.name, config.model.hidden_dims = "mlp", (32,)   # flattens images; compiles in seconds
   config.eval.batch_size, config.eval.rtol, config.eval.atol = 64, 1e-2, 1e-2
   config.eval.likelihood_examples = 0
-  validation.validate(config)
+  builders.validate(config)
   train.train(config, tmp_path)
   result = evaluate.likelihood(config, tmp_path, tmp_path / "eval")
   assert result["values"].shape == (297,) and result["unit"] == "bits/dim"   # 297 = 4 batches + 41
@@ -173,18 +224,14 @@ def test_import_an_original_checkpoint_then_use_it(tmp_path):
   from tests import test_paper_models as paper  # pylint: disable=g-import-not-at-top
   config, model, io, ckpt = paper.load_fixture("ddpm_vp_ch22")   # skips when the fixtures are absent
   source = paper.fixture_dir("ddpm_vp_ch22") / "weights.npz"
-  result = train.import_checkpoint(config, tmp_path, str(source))
+  result = convert.import_checkpoint(config, tmp_path, str(source))
   assert result["step"] == 0 and not result["has_ema"]
   # The workdir now reads like a trained run's: the EMA score function is the imported network's.
-  sde, _, score_fn, step = train.restore_for_inference(config, tmp_path)
-  assert step == 0
-  for a, b in zip(jax.tree.leaves(score_fn.variables["params"]), jax.tree.leaves(ckpt.params)):
+  restored = builders.restore(config, tmp_path)
+  assert restored.step == 0
+  for a, b in zip(jax.tree.leaves(restored.fn.variables["params"]), jax.tree.leaves(ckpt.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(ValueError, match="already holds checkpoints"):
-    train.import_checkpoint(config, tmp_path, str(source))
+    convert.import_checkpoint(config, tmp_path, str(source))
 
 
-def test_cli_import_needs_a_source(tmp_path):
-  proc = run_main("--config", "configs/toy/vp_8gaussians.py", "--workdir", str(tmp_path), "--mode", "import",
-                  timeout=120)
-  assert proc.returncode != 0 and "--source" in proc.stderr

@@ -116,19 +116,19 @@ from tests.test_train import toy_config
 
 assert jax.device_count() == 8, jax.devices()
 base, path = json.loads(sys.argv[2]), sys.argv[1]
-leaves = lambda result: [np.asarray(x) for x in jax.tree.leaves(jax.device_get(result["state"]))]
+leaves = lambda result: [np.asarray(x) for x in jax.tree.leaves(jax.device_get(result.state))]
 # The reference: one process, two devices, pure data parallelism, 6 steps (checkpoints at 2, 4 and 6).
 reference = train.train(toy_config(**base, **{"training.n_iters": 6}), path + "/reference", devices=jax.devices()[:2])
 # Its checkpoint of step 4 restores on eight devices with fsdp = 4, which trains steps 5 and 6.
 shutil.copytree(path + "/reference", path + "/fsdp")
 shutil.rmtree(path + "/fsdp/checkpoints/6")
 fsdp = train.train(toy_config(**base, **{"training.fsdp": 4, "training.n_iters": 6}), path + "/fsdp")
-assert fsdp["step"] == 6 and [s for s, _ in fsdp["history"]["training_loss"]] == [6]
-for tree in (fsdp["state"].params, fsdp["state"].ema_params, fsdp["state"].opt_state):
+assert fsdp.step == 6 and [s for s, _ in fsdp.history["training_loss"]] == [6]
+for tree in (fsdp.state.params, fsdp.state.ema_params, fsdp.state.opt_state):
   assert P(None, "fsdp") in {x.sharding.spec for x in jax.tree.leaves(tree)}, tree
-kernel = fsdp["state"].params["ResidualMLPBlock_0"]["Dense_0"]["kernel"]  # (32, 32): 8 columns per device
+kernel = fsdp.state.params["ResidualMLPBlock_0"]["Dense_0"]["kernel"]  # (32, 32): 8 columns per device
 assert kernel.sharding.spec == P(None, "fsdp") and kernel.addressable_shards[0].data.shape == (32, 8)
-last = fsdp["state"].params["Dense_1"]  # kernel (32, 2): split along its 32 rows; bias (2,): replicated
+last = fsdp.state.params["Dense_1"]  # kernel (32, 2): split along its 32 rows; bias (2,): replicated
 assert last["kernel"].sharding.spec == P("fsdp") and last["bias"].sharding.is_fully_replicated
 np.savez(path + "/reference.npz", *leaves(reference))
 np.savez(path + "/fsdp.npz", *leaves(fsdp))

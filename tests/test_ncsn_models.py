@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from score_sde import models, validation
+from score_sde import builders, models
 from score_sde import sde as sde_lib
 from score_sde.models import classifier, ncsn_layers, ncsnv2, normalization, wrapper
 
@@ -603,7 +603,7 @@ def test_config_reproduces_the_original_and_builds_its_network(name):
   assert (model.nf, model.normalization, model.nonlinearity, model.scale_by_sigma) == (
       128, "InstanceNorm++", "elu", network != "ncsn")
   assert not config.data.data_dir and not [v for v in _values(config) if str(v).startswith(("/", "~"))]
-  validation.validate(config)  # names (data set, sampler, ...) exist
+  builders.validate(config)  # names (data set, sampler, ...) exist
   # The network, traced at the config's image size (nothing is computed).
   net = models.get_model(config)
   assert net.continuous is False and getattr(net, "num_levels", num_scales) == num_scales
@@ -625,7 +625,7 @@ def test_ncsn_configs_declare_their_number_of_classes():
 def test_digits_classifier_config():
   config = _load("classifier/digits_wrn")
   _check_declared(config)
-  validation.validate(config)
+  builders.validate(config)
   model = classifier.get_classifier(config)
   assert (model.depth, model.widen_factor, model.num_classes, model.embedding_size) == (10, 2, 10, 32)
   shape = (2, config.data.image_size, config.data.image_size, config.data.num_channels)

@@ -23,7 +23,7 @@ from score_sde import convert
 from score_sde import datasets
 from score_sde import models
 from score_sde import sde as sde_lib
-from score_sde import validation
+from score_sde import builders
 from score_sde.models import ddpm, layers, ncsnpp, up_or_down_sampling, wrapper
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_every_config_builds_its_model(name):
   assert _keys(config) <= _keys(default.get_default_configs())
   # Every name and frequency checks out (image sets not registered yet are checked by their module's tests).
   known = {*datasets.TOY_DATASETS, *datasets.IMAGE_DATASETS}
-  validation.validate(config if config.data.dataset.lower() in known else _with(config, "data.dataset", "cifar10"))
+  builders.validate(config if config.data.dataset.lower() in known else _with(config, "data.dataset", "cifar10"))
   sde_name = config.training.sde.lower()
   sde_args = inspect.signature(sde_lib.SDES[sde_name]).parameters
   sde_lib.get_sde(sde_name, N=config.model.num_scales,

@@ -23,6 +23,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from configs import default
+from score_sde import builders
 from score_sde import checkpoints
 from score_sde import train
 from score_sde import visualize
@@ -106,29 +107,29 @@ def read_scalars(directory):
 
 def test_one_step_smoke(tmp_path):
   result = train.train(toy_config(**{"training.n_iters": 1, "training.snapshot_sampling": False}), tmp_path)
-  assert result["step"] == 1 and int(result["state"].step) == 1
-  (_, loss), = result["history"]["training_loss"]
+  assert result.step == 1 and int(result.state.step) == 1
+  (_, loss), = result.history["training_loss"]
   assert np.isfinite(loss) and loss > 0
   assert checkpoints.list_steps(tmp_path) == [1]  # the last step is always saved
 
 
 def test_straight_run_writes_config_tensorboard_samples_and_checkpoints(straight):
-  workdir = pathlib.Path(straight["workdir"])
-  assert straight["step"] == N_ITERS
+  workdir = pathlib.Path(straight.workdir)
+  assert straight.step == N_ITERS
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["training"]["n_iters"] == N_ITERS and saved["model"]["hidden_dims"] == [32, 32]
   # TensorBoard: every scalar at its frequency, equal to the returned history.
-  scalars = read_scalars(straight["tensorboard_dir"])
+  scalars = read_scalars(straight.tensorboard_dir)
   assert set(scalars) == {"training_loss", "grad_norm", "lr", "eval_loss"}
   assert [s for s, _ in scalars["training_loss"]] == [4, 8]
   assert [s for s, _ in scalars["eval_loss"]] == [2, 4, 6, 8]
   np.testing.assert_allclose([v for _, v in scalars["training_loss"]],
-                             [v for _, v in straight["history"]["training_loss"]], rtol=1e-6)
+                             [v for _, v in straight.history["training_loss"]], rtol=1e-6)
   assert all(np.isfinite(v) for values in scalars.values() for _, v in values)
   np.testing.assert_allclose([v for _, v in scalars["lr"]], [1e-3, 1e-3])  # lr of steps 4 and 8 (warm-up 2)
   # Snapshots: a scatter PNG and the raw samples at every regular checkpoint.
-  assert straight["samples"] == [str(workdir / "samples" / f"step_{s}.png") for s in (4, 8)]
-  with PIL.Image.open(straight["samples"][-1]) as image:
+  assert straight.samples == [str(workdir / "samples" / f"step_{s}.png") for s in (4, 8)]
+  with PIL.Image.open(straight.samples[-1]) as image:
     assert image.format == "PNG" and image.size[0] == 512
   assert np.load(workdir / "samples" / "step_8.npz")["samples"].shape == (16, 2)
   # Checkpoints: regular at 4 and 8, the newest preemption checkpoint at 6.
@@ -136,12 +137,12 @@ def test_straight_run_writes_config_tensorboard_samples_and_checkpoints(straight
   assert sorted(int(p.name) for p in (workdir / "checkpoints-meta").iterdir()) == [6]
 
 
-def test_restore_for_inference_gives_the_ema_score(straight):
-  sde, model, score_fn, step = train.restore_for_inference(toy_config(), straight["workdir"])
-  assert step == N_ITERS and sde.N == 32 and model.hidden_dims == (32, 32)
-  assert_bitwise_equal(score_fn.variables["params"], straight["state"].ema_params)
+def test_restore_gives_the_ema_score(straight):
+  restored = builders.restore(toy_config(), straight.workdir)
+  assert restored.step == N_ITERS and restored.sde.N == 32 and restored.network.hidden_dims == (32, 32)
+  assert_bitwise_equal(restored.fn.variables["params"], straight.state.ema_params)
   x = np.zeros((5, 2), np.float32)
-  assert score_fn(x, np.full((5,), 0.5, np.float32)).shape == (5, 2)
+  assert restored.fn(x, np.full((5,), 0.5, np.float32)).shape == (5, 2)
 
 
 # --- Exact resumption ----------------------------------------------------------------------------
@@ -167,11 +168,11 @@ def test_resume_after_kill_is_bitwise_identical(straight, tmp_path, monkeypatch)
   monkeypatch.undo()
   assert checkpoints.list_steps(tmp_path) == [4, 6]
   resumed = train.train(toy_config(), tmp_path)
-  assert resumed["step"] == N_ITERS
-  assert_bitwise_equal(resumed["state"], straight["state"])
+  assert resumed.step == N_ITERS
+  assert_bitwise_equal(resumed.state, straight.state)
   # The window of steps 5..8 straddles the kill: its mean is still the uninterrupted one.
-  assert resumed["history"]["training_loss"] == straight["history"]["training_loss"][1:]
-  assert resumed["history"]["eval_loss"] == straight["history"]["eval_loss"][3:]
+  assert resumed.history["training_loss"] == straight.history["training_loss"][1:]
+  assert resumed.history["eval_loss"] == straight.history["eval_loss"][3:]
 
 
 def _damage(step_dir):
@@ -182,7 +183,7 @@ def _damage(step_dir):
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(straight, tmp_path, caplog):
   workdir = tmp_path / "run"
-  shutil.copytree(straight["workdir"], workdir)
+  shutil.copytree(straight.workdir, workdir)
   _damage(workdir / "checkpoints" / str(N_ITERS))
   resumed = train.train(toy_config(), workdir)
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -190,14 +191,14 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(straight, tmp_path
   assert any("Resuming from checkpoints-meta/6" in w for w in warnings), warnings
   assert [p.name.split("-")[:2] for p in (workdir / "checkpoints-damaged").iterdir()] == [["checkpoints", "8"]]
   # It resumed from step 6 and redid steps 7 and 8 exactly.
-  assert [s for s, _ in resumed["history"]["eval_loss"]] == [8]
-  assert_bitwise_equal(resumed["state"], straight["state"])
+  assert [s for s, _ in resumed.history["eval_loss"]] == [8]
+  assert_bitwise_equal(resumed.state, straight.state)
   assert checkpoints.list_steps(workdir) == [4, 6, 8]
 
 
 def test_no_usable_checkpoint_is_a_clear_error(straight, tmp_path):
   workdir = tmp_path / "run"
-  shutil.copytree(straight["workdir"], workdir)
+  shutil.copytree(straight.workdir, workdir)
   for series in ("checkpoints", "checkpoints-meta"):
     for step_dir in (workdir / series).iterdir():
       _damage(step_dir)
@@ -212,10 +213,10 @@ def test_no_usable_checkpoint_is_a_clear_error(straight, tmp_path):
 def test_two_steps_per_call_match_one(straight, tmp_path):
   config = toy_config(**{"training.n_jitted_steps": 2, "training.snapshot_sampling": False})
   result = train.train(config, tmp_path)
-  for a, b in zip(leaves(result["state"]), leaves(straight["state"]), strict=True):
+  for a, b in zip(leaves(result.state), leaves(straight.state), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose([v for _, v in result["history"]["training_loss"]],
-                             [v for _, v in straight["history"]["training_loss"]], rtol=1e-5)
+  np.testing.assert_allclose([v for _, v in result.history["training_loss"]],
+                             [v for _, v in straight.history["training_loss"]], rtol=1e-5)
   assert checkpoints.list_steps(tmp_path) == [4, 6, 8]
 
 
@@ -242,8 +243,8 @@ assert not compiled, compiled
 result = train.train(toy_config(), sys.argv[1] + "/run")
 assert compiled, "the listener saw no compilation, so it proves nothing"
 assert "tensorflow" not in sys.modules, "training imported TensorFlow"
-np.savez(sys.argv[1] + "/result.npz", *jax.tree.leaves(jax.device_get(result["state"])),
-         losses=np.array([v for _, v in result["history"]["training_loss"]]))
+np.savez(sys.argv[1] + "/result.npz", *jax.tree.leaves(jax.device_get(result.state)),
+         losses=np.array([v for _, v in result.history["training_loss"]]))
 print("OK")
 """
 
@@ -255,9 +256,9 @@ def test_eight_devices_match_one(straight, tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-4000:]
   result = np.load(tmp_path / "result.npz")
-  for i, expected in enumerate(leaves(straight["state"])):
+  for i, expected in enumerate(leaves(straight.state)):
     np.testing.assert_allclose(result[f"arr_{i}"], expected, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(result["losses"], [v for _, v in straight["history"]["training_loss"]], rtol=1e-5)
+  np.testing.assert_allclose(result["losses"], [v for _, v in straight.history["training_loss"]], rtol=1e-5)
   assert (tmp_path / "run" / "samples" / "step_8.png").exists()
 
 
@@ -300,18 +301,19 @@ def test_save_image_grid_enlarges_small_grids(tmp_path):
   np.testing.assert_array_equal(pixels[::13, ::13], visualize.image_grid(images)[..., 0])
 
 
-@pytest.mark.parametrize("method", ["pc", "ode"])
+@pytest.mark.parametrize("method", sorted(builders.SAMPLER_FIELDS))
 def test_snapshot_sampler_takes_its_options_from_the_config(method):
   config = toy_config(**{"sampling.method": method})
-  sampler = train.build_sampler(config, train.build_sde(config), (4, 2))  # an unknown option would raise
+  sampler = builders.build_sampler(config, builders.build_sde(config), (4, 2))  # an unknown option would raise
   assert callable(sampler)
-  with pytest.raises(ValueError, match=r"sampling\.method in \['ode', 'pc'\]"):
-    train.build_sampler(toy_config(**{"sampling.method": "ddim"}), train.build_sde(config), (4, 2))
+  with pytest.raises(ValueError, match=r"config\.sampling\.method='ddim' is not one of \['dpm_solver', "
+                                       r"'dpm_solver\+\+', 'euler', 'heun', 'ode', 'pc', 'unipc'\]"):
+    builders.build_sampler(toy_config(**{"sampling.method": "ddim"}), builders.build_sde(config), (4, 2))
 
 
 def test_a_relative_workdir_works(straight, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   result = train.train(toy_config(), "runs/relative")
-  assert result["workdir"] == str(tmp_path / "runs" / "relative")
+  assert result.workdir == str(tmp_path / "runs" / "relative")
   assert checkpoints.list_steps("runs/relative") == [4, 6, 8]
-  assert_bitwise_equal(result["state"], straight["state"])
+  assert_bitwise_equal(result.state, straight.state)

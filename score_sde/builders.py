@@ -1,0 +1,604 @@
+"""Where a config becomes objects, and where a config is checked.
+
+    builders.validate(config)                                 # every rule, nothing compiled
+    sde, network = builders.build_sde(config), builders.build_network(config)
+    init_state, train_fn, eval_fn = builders.build_step_fns(config, sde, network)
+    sampler = builders.build_sampler(config, sde, (B,) + builders.example_shape(config))
+    restored = builders.restore(config, workdir)              # the EMA score (or logit) function
+
+The algorithm modules take plain arguments; this module alone reads a ``ConfigDict``. A library
+``ValueError`` raised while building is re-raised naming the config fields that fed it, so every
+refusal says which ``--config.<field>`` to change.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import difflib
+import functools
+import inspect
+import json
+import re
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+
+from score_sde import checkpoints
+from score_sde import datasets
+from score_sde import guidance
+from score_sde import likelihood as likelihood_lib
+from score_sde import losses
+from score_sde import models
+from score_sde import parallel
+from score_sde import sample_quality
+from score_sde import sampling
+from score_sde import sde as sde_lib
+from score_sde.models import classifier as classifier_lib
+from score_sde.models import wrapper
+
+Array = jax.Array
+
+# What a run trains (``config.training.objective``).
+OBJECTIVES = ("score", "classifier")
+_FREQS = ("log_freq", "eval_freq", "snapshot_freq", "snapshot_freq_for_preemption")
+
+# Sampler options by ``config.sampling.method``: {keyword of the sampler: field of config.sampling}.
+# A field left at 0 or "" means the method's own default (see ``sampling_options``).
+_FIXED_BUDGET = {"nfe": "nfe", "order": "order", "time_grid": "time_grid", "rho": "rho", "eps": "eps",
+                 "denoise": "noise_removal"}
+SAMPLER_FIELDS: dict[str, dict[str, str]] = {
+    "pc": {"predictor": "predictor", "corrector": "corrector", "snr": "snr", "n_steps": "n_steps_each",
+           "probability_flow": "probability_flow", "denoise": "noise_removal", "eps": "eps",
+           "num_steps": "num_steps", "step_rule": "step_rule"},
+    "ode": {"rtol": "rtol", "atol": "atol", "eps": "eps", "denoise": "noise_removal", "solver": "ode_solver"},
+    "euler": _FIXED_BUDGET,
+    "heun": {**_FIXED_BUDGET, "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax", "s_noise": "s_noise"},
+    "dpm_solver": {**_FIXED_BUDGET, "solver_type": "solver_type"},
+    "dpm_solver++": {**_FIXED_BUDGET, "eta": "eta", "solver_type": "solver_type",
+                     "lower_order_final": "lower_order_final"},
+    "unipc": {**_FIXED_BUDGET, "variant": "variant", "lower_order_final": "lower_order_final",
+              "corrector": "unipc_corrector"},
+}
+
+
+# --- Errors that name the config ------------------------------------------------------------------
+
+
+def _value(config: ml_collections.ConfigDict, field: str) -> Any:
+  for part in field.split("."):
+    config = config[part]
+  return config
+
+
+@contextlib.contextmanager
+def _fields(config: ml_collections.ConfigDict, fields: dict[str, str]) -> Iterator[None]:
+  """Re-raises a library ``ValueError`` as ``config.<field>=<value>: <message>``.
+
+  ``fields`` maps the names a library message may use (keywords) to config fields; the fields whose
+  keyword the message mentions are named, or all of them when it mentions none. A message that
+  already starts with ``config.`` passes unchanged.
+  """
+  try:
+    yield
+  except ValueError as e:
+    message = str(e)
+    if message.startswith("config."):
+      raise
+    found = {}  # field -> first position of its keyword in the message
+    for word, field in fields.items():
+      match = re.search(rf"(?<![\w.]){re.escape(word)}\b", message)
+      if match:
+        found[field] = min(found.get(field, match.start()), match.start())
+    named = sorted(found, key=found.get) or list(dict.fromkeys(fields.values()))
+    where = ", ".join(f"config.{field}={_value(config, field)!r}" for field in named)
+    raise ValueError(f"{where}: {message} Set it with --config.{named[0]}=<value>.") from e
+
+
+def _choice(field: str, value: Any, valid: Any) -> None:
+  """Refuses a name that is not one of ``valid``, naming the field, the choices and a near match."""
+  valid = sorted(valid)
+  if value in valid:
+    return
+  near = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
+  hint = f" Did you mean {near[0]!r}?" if near else ""
+  raise ValueError(f"config.{field}={value!r} is not one of {valid}.{hint} Set it with "
+                   f"--config.{field}=<{'|'.join(map(str, valid))}>.")
+
+
+# --- Data, SDE, network, optimiser -----------------------------------------------------------------
+
+
+def example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """One example's shape: (2,) for toy sets, else (image_size, image_size, num_channels)."""
+  name = config.data.dataset.lower()
+  _choice("data.dataset", name, list(datasets.TOY_DATASETS) + list(datasets.IMAGE_DATASETS))
+  if name in datasets.TOY_DATASETS:
+    return (2,)
+  return (config.data.image_size, config.data.image_size, config.data.num_channels)
+
+
+def is_image_set(config: ml_collections.ConfigDict) -> bool:
+  """Whether ``config.data.dataset`` holds 8-bit images (bits/dim and pictures apply)."""
+  return len(example_shape(config)) == 3
+
+
+def build_sde(config: ml_collections.ConfigDict) -> sde_lib.SDE:
+  """The SDE ``training.sde`` with N = ``model.num_scales`` and its other arguments from ``config.model``."""
+  name = config.training.sde.lower()
+  _choice("training.sde", name, sde_lib.SDES)
+  parameters = [p for p in inspect.signature(sde_lib.SDES[name]).parameters if p != "N" and p in config.model]
+  with _fields(config, {"N": "model.num_scales", **{p: f"model.{p}" for p in parameters}}):
+    return sde_lib.get_sde(name, N=config.model.num_scales, **{p: config.model[p] for p in parameters})
+
+
+def build_network(config: ml_collections.ConfigDict):
+  """The network ``training.objective`` trains: the score network ``config.model`` or the classifier
+  ``config.classifier``."""
+  objective = config.training.objective
+  _choice("training.objective", objective, OBJECTIVES)
+  if objective == "classifier":
+    with _fields(config, {"name": "classifier.name"}):
+      return classifier_lib.get_classifier(config)
+  _choice("model.name", config.model.name.lower(), models.MODELS)
+  with _fields(config, {"remat": "model.remat", "dtype": "model.dtype"}):
+    return models.get_model(config)
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_params(network, example: tuple[int, ...]) -> Any:
+  """The network's parameters as ``jax.ShapeDtypeStruct`` leaves (traced once per network and shape)."""
+  shape = (1,) + tuple(example)
+  return jax.eval_shape(lambda: wrapper.init_model(jax.random.key(0), network, shape))["params"]
+
+
+def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with warm-up and clipping from ``config.optim`` (``losses.get_optimizer``)."""
+  o = config.optim
+  with _fields(config, {k: f"optim.{k}" for k in ("optimizer", "lr", "warmup", "grad_clip", "weight_decay",
+                                                  "eps", "beta1", "beta2")}):
+    return losses.get_optimizer(lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
+                                warmup=o.warmup, grad_clip=o.grad_clip, optimizer=o.optimizer)
+
+
+# --- Losses and train / eval steps ----------------------------------------------------------------
+
+
+def _labelled(config: ml_collections.ConfigDict, network) -> bool:
+  """Whether the objective reads labels: a classifier, or a class-conditional score network."""
+  return config.training.objective == "classifier" or wrapper.num_classes_of(network) > 0
+
+
+def build_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, network, *, train: bool) -> Callable:
+  """``loss_fn(key, params, inputs) -> (loss, aux)`` of ``training.objective`` (aux has ``per_example``).
+
+  ``inputs`` are model-space images, or {"image", "label"} when ``_labelled``.
+  """
+  t = config.training
+  if t.objective == "classifier":
+    return losses.get_classifier_loss_fn(sde, wrapper.get_logit_fn_builder(sde, network), train=train, eps=t.eps)
+  fields = {"continuous": "training.continuous", "likelihood_weighting": "training.likelihood_weighting",
+            "importance_weighting": "training.importance_weighting", "label_dropout": "training.label_dropout",
+            "eps": "training.eps", "embedding_type": "model.embedding_type",
+            "scale_by_sigma": "model.scale_by_sigma", "num_classes": "model.num_classes", "SDE": "training.sde",
+            "N": "model.num_scales"}
+  with _fields(config, fields):
+    build_score_fn = wrapper.get_score_fn_builder(sde, network, continuous=t.continuous)
+    loss = lambda builder: losses.get_loss_fn(
+        sde, builder, train=train, continuous=t.continuous, reduce_mean=t.reduce_mean,
+        likelihood_weighting=t.likelihood_weighting, importance_weighting=t.importance_weighting, eps=t.eps)
+    num_classes = wrapper.num_classes_of(network)
+    if not num_classes:
+      return loss(build_score_fn)
+    return losses.get_class_conditional_loss_fn(loss, build_score_fn, num_classes=num_classes,
+                                                label_dropout=t.label_dropout)
+
+
+def _inputs(config: ml_collections.ConfigDict, network) -> Callable[[dict[str, Array]], Any]:
+  """Pipeline batches {"image": [0, 1] data, "label"} -> the loss's inputs (the data scaler on device)."""
+  scaler = datasets.get_data_scaler(config.data.centered)
+  if _labelled(config, network):
+    return lambda batch: {"image": scaler(batch["image"]), "label": batch["label"]}
+  return lambda batch: scaler(batch["image"])
+
+
+def build_step_fns(config: ml_collections.ConfigDict, sde: sde_lib.SDE, network,
+                   example: tuple[int, ...] | None = None) -> tuple[Callable, Callable, Callable]:
+  """The pure programs of training, before any sharding: ``(init_state, train_fn, eval_fn)``.
+
+  ``init_state(key) -> TrainState``; ``train_fn(key, state, batch) -> (state, metrics)``;
+  ``eval_fn(key, state, batch) -> {"loss", ...}`` (means; a classifier's also ``accuracy``). Batches
+  are {"image": [0, 1] data (B, *example), "label": (B,) int}, with a leading axis
+  ``n_jitted_steps`` when it is > 1.
+  """
+  t = config.training
+  example = tuple(example or example_shape(config))
+  optimizer = build_optimizer(config)
+  with _fields(config, {"nonfinite": "training.nonfinite", "ema_rate": "model.ema_rate"}):
+    train_step = losses.get_step_fn(build_loss_fn(config, sde, network, train=True), optimizer, train=True,
+                                    ema_rate=config.model.ema_rate, ema_warmup=config.model.ema_warmup,
+                                    n_jitted_steps=t.n_jitted_steps, nonfinite=t.nonfinite)
+  eval_step = losses.get_step_fn(build_loss_fn(config, sde, network, train=False), optimizer, train=False,
+                                 n_jitted_steps=t.n_jitted_steps)
+  inputs = _inputs(config, network)
+
+  def init_state(key: Array) -> losses.TrainState:
+    return losses.init_train_state(wrapper.init_model(key, network, (1,) + example)["params"], optimizer)
+
+  def train_fn(key: Array, state: losses.TrainState, batch: dict[str, Array]):
+    return train_step(key, state, inputs(batch))
+
+  def eval_fn(key: Array, state: losses.TrainState, batch: dict[str, Array]) -> dict[str, Array]:
+    return jax.tree.map(jnp.mean, eval_step(key, state, inputs(batch))[1])
+
+  return init_state, train_fn, eval_fn
+
+
+def build_eval_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, network) -> Callable:
+  """``fn(key, params, batch) -> (B,)``: each example's training objective (``train=False``)."""
+  loss_fn, inputs = build_loss_fn(config, sde, network, train=False), _inputs(config, network)
+  return lambda key, params, batch: loss_fn(key, params, inputs(batch))[1]["per_example"]
+
+
+def check_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> None:
+  """The training loop's rules: step frequencies, checkpoint retention, and (with a mesh) batch sizes."""
+  t = config.training
+  k = t.n_jitted_steps
+  for field in ("batch_size", "n_iters", "n_jitted_steps", "fsdp"):
+    if int(t[field]) != t[field] or t[field] < 1:
+      raise ValueError(f"config.training.{field}={t[field]!r} must be a positive integer; set "
+                       f"--config.training.{field}.")
+  for field in _FREQS:
+    value = t[field]
+    if int(value) != value or value < 1 or value % k:
+      raise ValueError(f"config.training.{field}={value} must be a positive multiple of training.n_jitted_steps="
+                       f"{k} (the loop stops every {k} steps); set e.g. --config.training.{field}="
+                       f"{max(k, int(value) // k * k)}.")
+  if t.n_iters < k:
+    raise ValueError(f"config.training.n_iters={t.n_iters} is less than one call of config.training."
+                     f"n_jitted_steps={k} steps; raise --config.training.n_iters or lower n_jitted_steps.")
+  for field in ("keep_checkpoints", "max_skipped"):
+    if int(t[field]) != t[field] or t[field] < 0:
+      raise ValueError(f"config.training.{field}={t[field]!r} must be a non-negative integer; set "
+                       f"--config.training.{field}.")
+  if t.objective == "classifier" and t.snapshot_sampling:
+    raise ValueError("config.training.snapshot_sampling=True, but a classifier run has no samples to snapshot; "
+                     "set --config.training.snapshot_sampling=False.")
+  if mesh is not None:
+    parallel.check_batch_size(t.batch_size, mesh, "config.training.batch_size")
+    if t.snapshot_sampling:
+      parallel.check_batch_size(config.sampling.batch_size, mesh, "config.sampling.batch_size")
+
+
+# --- Samplers and likelihoods ---------------------------------------------------------------------
+
+
+def sampling_options(sampling: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
+  """``(method, keywords)`` of ``sampling.get_sampler`` from a ``config.sampling`` section.
+
+  Fields at 0 or "" (``nfe``, ``order``, ``num_steps``, ``time_grid``, ``variant``, ``solver_type``)
+  keep the method's own default.
+  """
+  method = sampling.method
+  _choice("sampling.method", method, SAMPLER_FIELDS)
+  options = {}
+  for keyword, field in SAMPLER_FIELDS[method].items():
+    value = sampling[field]
+    if isinstance(value, (int, str)) and not isinstance(value, bool) and value in (0, ""):
+      continue
+    options[keyword] = tuple(value) if isinstance(value, list) else value
+  return method, options
+
+
+def build_sampler(config: ml_collections.ConfigDict, sde: sde_lib.SDE, shape: tuple[int, ...]) -> Callable:
+  """The sampler of ``config.sampling`` for batches of ``shape`` (B, ...).
+
+  Returns:
+    ``sampler(key, score_fn, first_index=0, ...) -> (samples (B, ...), nfe)`` (``sampling.get_sampler``).
+  """
+  method, options = sampling_options(config.sampling)
+  fields = {keyword: f"sampling.{field}" for keyword, field in SAMPLER_FIELDS[method].items()}
+  with _fields(config, {"method": "sampling.method", **fields}):
+    return sampling.get_sampler(sde, tuple(shape), method=method, **options)
+
+
+def sampler_tag(config: ml_collections.ConfigDict) -> str:
+  """A short, file-name-safe name of ``config.sampling``, e.g. ``pc-reverse_diffusion-langevin-1000`` or
+  ``unipc-nfe10-order2-variantbh2``; guidance adds ``-cfg2`` / ``-classifier3``."""
+  sampling = config.sampling
+  method, options = sampling_options(sampling)
+  if method == "pc":
+    parts = [sampling.predictor, sampling.corrector, str(sampling.num_steps or config.model.num_scales)]
+    if sampling.probability_flow:
+      parts.append("pf")
+  elif method == "ode":
+    parts = [f"tol{sampling.rtol:g}"]
+  else:
+    parts = [f"{k}{options[k]}" for k in ("nfe", "order", "time_grid", "variant", "solver_type") if k in options]
+    if not sampling.noise_removal:
+      parts.append("nodenoise")
+    if options.get("eta"):
+      parts.append(f"eta{options['eta']:g}")
+    if options.get("s_churn"):
+      parts.append(f"churn{options['s_churn']:g}")
+  if sampling.guidance == "classifier_free":
+    parts.append(f"cfg{sampling.guidance_scale:g}")
+  elif sampling.guidance == "classifier":
+    parts.append(f"classifier{sampling.guidance_scale:g}")
+  return re.sub(r"[^A-Za-z0-9_.+=-]", "_", "-".join([method.replace("+", "p")] + parts))
+
+
+def likelihood_tag(config: ml_collections.ConfigDict) -> str:
+  """A short, file-name-safe name of the likelihood settings ``config.eval``, e.g. ``rademacher-tol1e-05-eps1e-05``."""
+  e = config.eval
+  return f"{e.divergence}-tol{max(e.rtol, e.atol):g}-eps{e.eps:g}"
+
+
+def parse_sampler_settings(config: ml_collections.ConfigDict, entry: str) -> ml_collections.ConfigDict:
+  """``config.sampling`` with the overrides of one ``eval.samplers`` entry, ``method[:field=value,...]``.
+
+  E.g. ``"dpm_solver++:nfe=10,order=2"`` or ``"pc:predictor=reverse_diffusion,corrector=langevin"``.
+  """
+  sampling = ml_collections.ConfigDict(config.sampling.to_dict())
+  method, _, rest = entry.strip().partition(":")
+  sampling.method = method.strip()
+  for item in filter(None, (s.strip() for s in rest.split(","))):
+    name, eq, text = item.partition("=")
+    name = name.strip()
+    if not eq or name not in sampling:
+      near = difflib.get_close_matches(name, list(sampling.keys()), n=1)
+      raise ValueError(f"config.eval.samplers entry {entry!r}: {item!r} is not field=value of config.sampling"
+                       f"{f'; did you mean {near[0]!r}?' if near else '.'} Write entries as "
+                       f"'method:field=value,field=value', e.g. 'dpm_solver++:nfe=10,order=2'.")
+    try:
+      value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      value = text.strip()
+    try:
+      sampling[name] = type(sampling[name])(value) if isinstance(sampling[name], float) else value
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"config.eval.samplers entry {entry!r}: {name}={text!r} does not fit config.sampling."
+                       f"{name} ({type(sampling[name]).__name__}): {e}") from e
+  return sampling
+
+
+def with_sampling(config: ml_collections.ConfigDict, sampling: ml_collections.ConfigDict
+                  ) -> ml_collections.ConfigDict:
+  """A copy of ``config`` whose ``sampling`` section is ``sampling``."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.sampling = sampling
+  return out
+
+
+def eval_sampler_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  """``{tag: config}`` of every sampler setting ``--mode eval`` evaluates (``eval.samplers``, or the config's own)."""
+  entries = tuple(config.eval.samplers) or (None,)
+  out = {}
+  for entry in entries:
+    tagged = config if entry is None else with_sampling(config, parse_sampler_settings(config, entry))
+    tag = sampler_tag(tagged)
+    if tag in out:
+      raise ValueError(f"config.eval.samplers lists the setting {tag!r} twice; remove one of them.")
+    out[tag] = tagged
+  return out
+
+
+def build_likelihood_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, eight_bit: bool) -> Callable:
+  """``fn(key, score_fn, data) -> (B,)``: bits/dim of [0, 1] 8-bit images, else log p in nats of the data.
+
+  Settings are ``eval.{divergence, rtol, atol, eps}``; the data scaler maps data to model space.
+  """
+  e = config.eval
+  options = dict(divergence=e.divergence, rtol=e.rtol, atol=e.atol, eps=e.eps)
+  scaler = datasets.get_data_scaler(config.data.centered)
+  with _fields(config, {k: f"eval.{k}" for k in options}):
+    if eight_bit:
+      bpd_fn = likelihood_lib.get_bpd_fn(sde, scaler, **options)
+      return lambda key, score_fn, images: bpd_fn(key, score_fn, jnp.round(images * 255.0).astype(jnp.uint8))[0]
+    lik = likelihood_lib.get_likelihood_fn(sde, **options)
+
+  def points_logp(key, score_fn, points):
+    # log p(u) = log p(x) + log|dx/du| for the elementwise data scaler x = s(u).
+    x, dx_du = jax.jvp(scaler, (points,), (jnp.ones_like(points),))
+    log_det = jnp.sum(jnp.log(jnp.abs(dx_du)).reshape(points.shape[0], -1), axis=1)
+    return lik(key, score_fn, x)[0] + log_det
+
+  return points_logp
+
+
+# --- Restoring trained runs ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A checkpoint's EMA weights as a function: ``fn`` is a ``ScoreFunction`` (score models) or a
+  ``LogitFunction`` (classifiers) of (x (B, ...), t (B,)); ``network`` and ``sde`` built them."""
+
+  sde: sde_lib.SDE
+  network: Any
+  fn: Any
+  step: int
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *, step: int | None = None,
+            devices: list[jax.Device] | None = None) -> Restored:
+  """The EMA weights of a run's checkpoint (the newest that restores, or ``step``), replicated over ``devices``.
+
+  Raises:
+    FileNotFoundError: for a workdir without checkpoints.
+    ValueError: for a missing ``step`` or parameters that do not fit the config's network.
+  """
+  sde, network = build_sde(config), build_network(config)
+  replicated = parallel.replicated(parallel.make_mesh(devices))
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                          abstract_params(network, example_shape(config)))
+  with checkpoints.quiet_orbax():
+    ema_params, restored_step = checkpoints.restore_ema_params(workdir, abstract, step=step)
+  variables = {"params": ema_params}
+  if config.training.objective == "classifier":
+    fn = wrapper.get_logit_fn(sde, network, variables)
+  else:
+    fn = wrapper.get_score_fn(sde, network, variables, continuous=config.training.continuous)
+  return Restored(sde=sde, network=network, fn=fn, step=restored_step)
+
+
+def restore_score_model(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, **kwargs) -> Restored:
+  """``restore`` of a score model's run, refusing a classifier's."""
+  if config.training.objective != "score":
+    raise ValueError(f"{workdir} holds a {config.training.objective} run, not a score model; guide a score model's "
+                     f"sampling with it through --config.sampling.classifier_workdir.")
+  return restore(config, workdir, **kwargs)
+
+
+# --- Guided sampling -------------------------------------------------------------------------------
+
+
+def check_guidance(config: ml_collections.ConfigDict, network) -> None:
+  """Refuses ``config.sampling`` guidance settings that cannot work with the score ``network``."""
+  s = config.sampling
+  _choice("sampling.guidance", s.guidance, guidance.GUIDANCES)
+  num_classes = wrapper.num_classes_of(network)
+  if s.guidance == "classifier_free" and not num_classes:
+    raise ValueError("config.sampling.guidance='classifier_free' needs a class-conditional network: set "
+                     "config.model.num_classes to the number of classes and train with config.training."
+                     "label_dropout > 0 (e.g. 0.1), or set --config.sampling.guidance to 'classifier' (with "
+                     "sampling.classifier_workdir) or 'none'.")
+  if s.guidance == "classifier" and not s.classifier_workdir:
+    raise ValueError("config.sampling.guidance='classifier' needs a trained noise-conditional classifier: set "
+                     "--config.sampling.classifier_workdir to the workdir of a run of a training.objective="
+                     "'classifier' config (e.g. configs/classifier/digits_wrn.py).")
+  if s.class_labels and s.guidance == "none" and not num_classes:
+    raise ValueError("config.sampling.class_labels were given, but the network is unconditional and "
+                     "config.sampling.guidance='none'; set --config.sampling.guidance=classifier (with "
+                     "sampling.classifier_workdir) or train a class-conditional network (model.num_classes).")
+  labels = np.asarray(tuple(s.class_labels))
+  if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0
+                      or (num_classes and labels.max() >= num_classes)):
+    raise ValueError(f"config.sampling.class_labels={tuple(s.class_labels)} must be classes 0..C-1"
+                     f"{f' (C = {num_classes})' if num_classes else ''}; set --config.sampling.class_labels.")
+
+
+def _classifier_run(config: ml_collections.ConfigDict, sde: sde_lib.SDE) -> ml_collections.ConfigDict:
+  """The config of ``sampling.classifier_workdir``'s run, checked against the score model's data and noise."""
+  workdir = epath.Path(config.sampling.classifier_workdir)
+  path = workdir / "config.json"
+  field = f"config.sampling.classifier_workdir={str(workdir)!r}"
+  if not path.exists():
+    raise FileNotFoundError(f"{field} holds no config.json of a classifier run; set it to the workdir of "
+                            f"`main.py --mode train --config configs/classifier/...`.")
+  classifier_config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  if classifier_config.training.objective != "classifier":
+    raise ValueError(f"{field} holds a {classifier_config.training.objective!r} run, not a classifier "
+                     f"(training.objective='classifier'); set it to a classifier's workdir.")
+  shape, classifier_shape = example_shape(config), example_shape(classifier_config)
+  if shape != classifier_shape or config.data.centered != classifier_config.data.centered:
+    raise ValueError(f"The classifier of {field} was trained on examples of shape {classifier_shape} with "
+                     f"data.centered={classifier_config.data.centered}, the score model on {shape} with "
+                     f"data.centered={config.data.centered}; train the classifier on the same data and scaling.")
+  classifier_sde = build_sde(classifier_config)
+  t = jnp.linspace(1e-3, sde.T, 17)
+  if not np.allclose(np.stack(sde.alpha_sigma(t)), np.stack(classifier_sde.alpha_sigma(t)), rtol=1e-5, atol=1e-6):
+    raise ValueError(f"The classifier of {field} was trained on the noise of {classifier_sde!r}, the score model "
+                     f"uses {sde!r}; train the classifier with the score model's training.sde and model.beta_* / "
+                     f"model.sigma_* values.")
+  if not checkpoints.list_steps(workdir):
+    raise FileNotFoundError(f"No classifier checkpoint in {field}; train the classifier there first, or set the "
+                            f"field to a trained classifier's workdir.")
+  return classifier_config
+
+
+def build_guided_score_fns(config: ml_collections.ConfigDict, restored: Restored, *,
+                           devices: list[jax.Device] | None = None
+                           ) -> Callable[[int, int], tuple[Any, np.ndarray | None]]:
+  """The score function of each batch of samples under ``config.sampling``'s guidance.
+
+  Sample i has class ``class_labels[i % n]`` (or class i mod C when empty). ``guidance`` is ``none``
+  (the model's own score; conditional for a class-conditional network), ``classifier`` (the
+  classifier of ``sampling.classifier_workdir``, scale ``guidance_scale``) or ``classifier_free``
+  (weight w = ``guidance_scale``).
+
+  Returns:
+    ``for_batch(first, size) -> (score_fn, labels (size,) or None)`` for samples first..first+size-1.
+  """
+  check_guidance(config, restored.network)
+  s = config.sampling
+  score_fn = restored.fn
+  num_classes = wrapper.num_classes_of(restored.network)
+  if s.guidance == "none" and not num_classes:
+    return lambda first, size: (score_fn, None)
+  logit_fn = None
+  if s.guidance == "classifier":
+    classifier = restore(_classifier_run(config, restored.sde), s.classifier_workdir, devices=devices)
+    logit_fn, num_classes = classifier.fn, classifier.network.num_classes
+  cycle = np.asarray(tuple(s.class_labels) or range(num_classes), np.int64)
+  if cycle.max() >= num_classes:
+    raise ValueError(f"config.sampling.class_labels={tuple(s.class_labels)} must be classes 0..{num_classes - 1}; "
+                     f"set --config.sampling.class_labels.")
+
+  def for_batch(first: int, size: int) -> tuple[Any, np.ndarray]:
+    labels = cycle[(first + np.arange(size)) % len(cycle)].astype(np.int32)
+    if s.guidance == "classifier":
+      return guidance.classifier_guided_score(score_fn, logit_fn, labels, s.guidance_scale), labels
+    if s.guidance == "classifier_free":
+      return guidance.classifier_free_guided_score(score_fn, labels, s.guidance_scale,
+                                                   null_label=num_classes), labels
+    return score_fn.replace(class_labels=jnp.asarray(labels)), labels
+
+  return for_batch
+
+
+# --- Checked once ----------------------------------------------------------------------------------
+
+
+def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> None:
+  """Runs the builders of ``config`` on abstract shapes (nothing compiles): every rule they hold.
+
+  With ``mesh``, batch sizes must also divide over its devices (checked first, before any tracing).
+
+  Raises:
+    ValueError: naming the config field, its value and the fix.
+  """
+  e = config.eval
+  for field in ("batch_size", "num_samples", "bpd_repeats"):
+    if int(e[field]) != e[field] or e[field] < 1:
+      raise ValueError(f"config.eval.{field}={e[field]!r} must be a positive integer; set --config.eval.{field}.")
+  _choice("eval.bpd_dataset", e.bpd_dataset, ("train", "test"))
+  features, dataset = sample_quality.feature_network_of(config), config.data.dataset.lower()
+  fits = {"points": dataset in datasets.TOY_DATASETS, "digits": dataset in ("digits", "digits_rgb"),
+          "inception": dataset in datasets.IMAGE_DATASETS}
+  if not fits[features]:
+    raise ValueError(f"config.eval.feature_network={features!r} does not measure samples of {config.data.dataset!r} "
+                     f"(digits: the digits sets; points: 2-D sets; inception: images); leave it empty to choose by "
+                     f"data set.")
+  check_training(config, mesh)
+  if mesh is not None:
+    parallel.check_batch_size(e.batch_size, mesh, "config.eval.batch_size")
+    parallel.check_batch_size(config.sampling.batch_size, mesh, "config.sampling.batch_size")
+  example = example_shape(config)
+  sde = build_sde(config)
+  network = build_network(config)
+  try:
+    abstract_params(network, example)
+  except ValueError as error:
+    section = "classifier" if config.training.objective == "classifier" else "model"
+    raise ValueError(f"config.{section}: the {config[section].name} network cannot be built for examples of shape "
+                     f"{example}: {error}") from error
+  build_step_fns(config, sde, network, example)
+  if config.training.objective == "score":
+    check_guidance(config, network)
+    for tagged in eval_sampler_configs(config).values():
+      build_sampler(tagged, sde, (tagged.sampling.batch_size,) + example)
+    build_likelihood_fn(config, sde, eight_bit=len(example) == 3)
+
+
+__all__ = ["OBJECTIVES", "Restored", "SAMPLER_FIELDS", "abstract_params", "build_eval_loss_fn",
+           "build_guided_score_fns", "build_likelihood_fn", "build_loss_fn", "build_network", "build_optimizer",
+           "build_sampler", "build_sde", "build_step_fns", "check_guidance", "check_training",
+           "eval_sampler_configs", "example_shape", "is_image_set", "likelihood_tag", "parse_sampler_settings", "restore",
+           "restore_score_model", "sampler_tag", "sampling_options", "validate", "with_sampling"]
