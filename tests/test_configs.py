@@ -11,6 +11,7 @@ reference. A config that changes on purpose gets its golden file rewritten by
 golden files of configs that no longer exist are removed).
 """
 
+import dataclasses
 import importlib
 import json
 import os
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 from score_sde import models
+from score_sde.models import classifier as classifier_lib
 from score_sde import train
 from score_sde import validation
 
@@ -75,8 +77,17 @@ def batch_of(config, images):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_validates_and_builds(name):
-  config, model, _, _ = build(name)
-  assert config.model.name in models.MODELS and model is not None
+  config, model, fns, _ = build(name)
+  assert config.model.name in models.MODELS
+  # The network is the one the config names, and every attribute with a key in its section has the config's value.
+  classifier = config.training.objective == "classifier"
+  section, table = (config.classifier, classifier_lib.CLASSIFIERS) if classifier else (config.model, models.MODELS)
+  assert type(model) is table[network_name(config).lower()]
+  for field in dataclasses.fields(model):
+    if field.name not in ("parent", "name") and field.name in section:
+      value = section[field.name]
+      assert getattr(model, field.name) == (tuple(value) if isinstance(value, (list, tuple)) else value), field.name
+  assert all(callable(fn) for fn in fns)
 
 
 @pytest.mark.parametrize("name", TOY)
