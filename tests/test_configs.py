@@ -7,7 +7,7 @@ once; tests/test_paper_models.py builds every config's network with ``jax.eval_s
 Every config also resolves to exactly what its golden file ``tests/golden_configs/<config>.json`` records: each
 dotted key's value, the Python type where JSON does not keep it (tuples), and the keys that share a field
 reference. A config that changes on purpose gets its golden file rewritten by
-``UPDATE_GOLDEN=1 python -m pytest -p no:xdist tests/test_configs.py -k golden`` (review the diff before committing;
+``UPDATE_GOLDEN=1 python -m pytest tests/test_configs.py -k golden`` (review the diff before committing;
 golden files of configs that no longer exist are removed).
 """
 
