@@ -10,37 +10,18 @@ Eval metrics: loss and accuracy on a held-out batch, at random noise levels.
 """
 
 from configs import default
+from configs import presets
 
 
 def get_config():
-  config = default.get_default_configs()
+  config = presets.digits(default.get_default_configs())
   # Training: the classifier objective, under the score model's SDE.
   training = config.training
   training.objective = "classifier"
   training.sde = "vpsde"
   training.continuous = True
-  training.batch_size = 128
-  training.n_iters = 3000
-  training.n_jitted_steps = 1   # on CPU, convolutions inside a scan of several steps run ~15x slower
-  training.log_freq = 100
-  training.eval_freq = 500
-  training.snapshot_freq = 1000
-  training.snapshot_freq_for_preemption = 500
-  training.keep_checkpoints = 2
   training.snapshot_sampling = False
   training.final_evaluation = False
-
-  # Evaluation: the 297 held-out digits.
-  config.eval.batch_size = 297
-
-  # Data: the digits in [-1, 1], as the score model sees them.
-  data = config.data
-  data.dataset = "digits"
-  data.image_size = 8
-  data.num_channels = 1
-  data.random_flip = False
-  data.centered = True
-  data.uniform_dequantization = True
 
   # Noise: the VP SDE of the score model (model.beta_min / beta_max keep their defaults, 0.1 / 20).
   config.model.ema_rate = 0.999
@@ -57,8 +38,5 @@ def get_config():
   classifier.input_std = ()
 
   # Optimisation.
-  optim = config.optim
-  optim.lr = 1e-3
-  optim.warmup = 200
-  optim.grad_clip = 1.0
+  config.optim.grad_clip = 1.0
   return config

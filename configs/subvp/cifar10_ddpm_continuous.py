@@ -1,41 +1,10 @@
-"""DDPM (Ho et al.'s U-Net) on CIFAR-10 with the sub-VP SDE (continuous training only; sub-VP has no
-discretisation table, so samplers use the grid rule). The original's subvp/cifar10_ddpm_continuous.
-"""
+"""DDPM on CIFAR-10, sub-VP SDE: the original's subvp/cifar10_ddpm_continuous."""
 
-from configs import default_cifar10
+from configs.vp.ddpm import cifar10_continuous
 
 
 def get_config():
-  config = default_cifar10.get_default_configs()
-  # Training.
-  training = config.training
-  training.sde = "subvpsde"
-  training.continuous = True
-  training.reduce_mean = True
-
-  # Sampling.
-  sampling = config.sampling
-  sampling.method = "pc"
-  sampling.predictor = "euler_maruyama"
-  sampling.corrector = "none"
-  sampling.eps = 1e-3
-
-  # Data.
-  data = config.data
-  data.centered = True
-
-  # Model.
-  model = config.model
-  model.name = "ddpm"
-  model.scale_by_sigma = False
-  model.ema_rate = 0.9999
-  model.discretization = "grid"
-  model.normalization = "GroupNorm"
-  model.nonlinearity = "swish"
-  model.nf = 128
-  model.ch_mult = (1, 2, 2, 2)
-  model.num_res_blocks = 2
-  model.attn_resolutions = (16,)
-  model.resamp_with_conv = True
-  model.conditional = True
+  config = cifar10_continuous.get_config()
+  config.training.sde = "subvpsde"
+  config.model.discretization = "grid"  # sub-VP has no discretisation table: samplers use the grid rule
   return config

@@ -1,53 +1,10 @@
-"""NCSN++ cont. (deep, 8 blocks per level) on CIFAR-10 with the sub-VP SDE (continuous training only;
-sub-VP has no discretisation table, so samplers use the grid rule). The original's
-subvp/cifar10_ncsnpp_deep_continuous.
-"""
+"""NCSN++ cont. deep on CIFAR-10, sub-VP SDE: the original's subvp/cifar10_ncsnpp_deep_continuous."""
 
-from configs import default_cifar10
+from configs.vp import cifar10_ncsnpp_deep_continuous
 
 
 def get_config():
-  config = default_cifar10.get_default_configs()
-  # Training.
-  training = config.training
-  training.sde = "subvpsde"
-  training.continuous = True
-  training.reduce_mean = True
-  training.n_iters = 950_001
-
-  # Sampling.
-  sampling = config.sampling
-  sampling.method = "pc"
-  sampling.predictor = "euler_maruyama"
-  sampling.corrector = "none"
-  sampling.eps = 1e-3
-
-  # Data.
-  data = config.data
-  data.centered = True
-
-  # Model.
-  model = config.model
-  model.name = "ncsnpp"
-  model.scale_by_sigma = False
-  model.ema_rate = 0.9999
-  model.discretization = "grid"
-  model.normalization = "GroupNorm"
-  model.nonlinearity = "swish"
-  model.nf = 128
-  model.ch_mult = (1, 2, 2, 2)
-  model.num_res_blocks = 8
-  model.attn_resolutions = (16,)
-  model.resamp_with_conv = True
-  model.conditional = True
-  model.fir = True
-  model.fir_kernel = (1, 3, 3, 1)
-  model.skip_rescale = True
-  model.resblock_type = "biggan"
-  model.progressive = "none"
-  model.progressive_input = "residual"
-  model.progressive_combine = "sum"
-  model.init_scale = 0.0
-  model.embedding_type = "positional"
-  model.fourier_scale = 16.0
+  config = cifar10_ncsnpp_deep_continuous.get_config()
+  config.training.sde = "subvpsde"
+  config.model.discretization = "grid"  # sub-VP has no discretisation table: samplers use the grid rule
   return config

@@ -1,51 +1,16 @@
-"""NCSN++ cont. on LSUN bedroom 256x256 (TFDS lsun/bedroom), VE SDE. The original's
-ve/bedroom_ncsnpp_continuous.
-"""
+"""NCSN++ cont. on LSUN bedroom 256x256 (TFDS lsun/bedroom), VE SDE: the original's ve/bedroom_ncsnpp_continuous."""
 
 from configs import default_lsun
+from configs import presets
 
 
 def get_config():
-  config = default_lsun.get_default_configs()
-  # Training.
-  training = config.training
-  training.sde = "vesde"
-  training.continuous = True
-
-  # Sampling.
-  sampling = config.sampling
-  sampling.method = "pc"
-  sampling.predictor = "reverse_diffusion"
-  sampling.corrector = "langevin"
-  sampling.eps = 1e-5
-
-  # Data.
-  data = config.data
-  data.dataset = "lsun/bedroom"
-  data.image_size = 256
-
-  # Model.
+  config = presets.ncsnpp(presets.ve(default_lsun.get_default_configs(), continuous=True), embedding_type="fourier")
+  config.data.dataset = "lsun/bedroom"
+  # Seven levels down to 4x4; progressive output (skip) and input (skip) paths.
   model = config.model
-  model.name = "ncsnpp"
-  model.scale_by_sigma = True
-  model.ema_rate = 0.999
-  model.discretization = "table"
-  model.normalization = "GroupNorm"
-  model.nonlinearity = "swish"
-  model.nf = 128
   model.ch_mult = (1, 1, 2, 2, 2, 2, 2)
   model.num_res_blocks = 2
-  model.attn_resolutions = (16,)
-  model.resamp_with_conv = True
-  model.conditional = True
-  model.fir = True
-  model.fir_kernel = (1, 3, 3, 1)
-  model.skip_rescale = True
-  model.resblock_type = "biggan"
   model.progressive = "output_skip"
   model.progressive_input = "input_skip"
-  model.progressive_combine = "sum"
-  model.init_scale = 0.0
-  model.embedding_type = "fourier"
-  model.fourier_scale = 16.0
   return config

@@ -1,46 +1,9 @@
-"""NCSN++ on CelebA 64x64, VE SDE (sigma_max 90), discrete SMLD training. The original's
-ve/celeba_ncsnpp.
-"""
+"""NCSN++ on CelebA 64x64, VE SDE, discrete SMLD training (noise-level indices): the original's ve/celeba_ncsnpp."""
 
 from configs import default_celeba
+from configs import presets
 
 
 def get_config():
-  config = default_celeba.get_default_configs()
-  # Training.
-  training = config.training
-  training.sde = "vesde"
-  training.continuous = False
-
-  # Sampling.
-  sampling = config.sampling
-  sampling.method = "pc"
-  sampling.predictor = "reverse_diffusion"
-  sampling.corrector = "langevin"
-  sampling.eps = 1e-5
-
-  # Model.
-  model = config.model
-  model.name = "ncsnpp"
-  model.scale_by_sigma = True
-  model.ema_rate = 0.999
-  model.discretization = "table"
-  model.normalization = "GroupNorm"
-  model.nonlinearity = "swish"
-  model.nf = 128
-  model.ch_mult = (1, 2, 2, 2)
-  model.num_res_blocks = 4
-  model.attn_resolutions = (16,)
-  model.resamp_with_conv = True
-  model.conditional = True
-  model.fir = True
-  model.fir_kernel = (1, 3, 3, 1)
-  model.skip_rescale = True
-  model.resblock_type = "biggan"
-  model.progressive = "none"
-  model.progressive_input = "residual"
-  model.progressive_combine = "sum"
-  model.init_scale = 0.0
-  model.embedding_type = "positional"
-  model.fourier_scale = 16.0
-  return config
+  return presets.ncsnpp(presets.ve(default_celeba.get_default_configs(), continuous=False),
+                        embedding_type="positional")
