@@ -24,7 +24,6 @@ import pytest
 
 from score_sde import models
 from score_sde.models import classifier as classifier_lib
-from score_sde import train
 from score_sde import builders
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
