@@ -58,6 +58,13 @@ def _time(t, x: Array) -> Array:
   return jnp.broadcast_to(t, x.shape[:1]) if t.ndim == 0 else t
 
 
+def _gaussian_cross_entropy(mean: Array, std: Array, tau: float) -> Array:
+  """E[-log N(x; 0, tau^2 I)] for x ~ N(mean, std^2 I): mean (B, ...), std (B,); returns (B,)."""
+  d = math.prod(mean.shape[1:])
+  sq = jnp.sum(mean.reshape(mean.shape[0], -1) ** 2, axis=1)
+  return 0.5 * d * math.log(2 * math.pi * tau**2) + (sq + d * std**2) / (2 * tau**2)
+
+
 def _standard_normal_logp(z: Array) -> Array:
   """log N(z; 0, I) summed over all but the batch axis; (B,)."""
   d = math.prod(z.shape[1:])
@@ -103,6 +110,15 @@ class SDE(abc.ABC):
   @abc.abstractmethod
   def prior_logp(self, z: Array) -> Array:
     """Natural-log density of the prior at ``z`` (B, ...); returns (B,)."""
+
+  def prior_cross_entropy(self, mean: Array, std: Array) -> Array:
+    """E[-log p_T(x)] for x ~ N(mean, std^2 I), in closed form: mean (B, ...), std (B,); returns (B,).
+
+    The prior term of the variational bound (``score_sde.bound``); SDEs with a Gaussian prior
+    define it, others raise ``NotImplementedError``.
+    """
+    raise NotImplementedError(f"{type(self).__name__} has no closed-form prior cross-entropy; define "
+                              f"prior_cross_entropy to use the variational bound.")
 
   def _table_levels(self, t: Array) -> tuple[Array, Array, Array, Array]:
     """(a, sigma_s, sigma_t, v) of the original's fixed table at index round(t (N - 1))."""
@@ -264,6 +280,9 @@ class _LinearBetaSDE(SDE):
   def prior_logp(self, z):
     return _standard_normal_logp(z)
 
+  def prior_cross_entropy(self, mean, std):
+    return _gaussian_cross_entropy(mean, std, 1.0)
+
 
 class VPSDE(_LinearBetaSDE):
   """Variance-preserving SDE (the continuous limit of DDPM)."""
@@ -351,6 +370,9 @@ class VESDE(SDE):
   def prior_logp(self, z):
     d = math.prod(z.shape[1:])
     return _standard_normal_logp(z / self.sigma_max) - d * math.log(self.sigma_max)
+
+  def prior_cross_entropy(self, mean, std):
+    return _gaussian_cross_entropy(mean, std, self.sigma_max)
 
   def _table_levels(self, t):
     i = jnp.clip(jnp.round(t * (self.N - 1)).astype(jnp.int32), 0, self.N - 1)

@@ -1,0 +1,268 @@
+"""Dequantisation of 8-bit data: bounds on the discrete log-probability from a continuous density.
+
+A continuous density p on model space y = s((x + u) / 256) (s the data scaler) defines the discrete
+model P(x) = int_[0,1)^D p(y(x + u)) |dy/du| du of 8-bit data x in {0..255}^D. For any dequantiser
+q(u | x) on [0, 1)^D and K samples u_k ~ q (importance weighting; K = 1 is the variational bound),
+
+    log P(x) >= E log (1/K) sum_k w_k,   log w_k = log p(y_k) + log|dy/du|(u_k) - log q(u_k | x),
+
+which tightens monotonically in K (in expectation) towards log P(x). Bits/dim are -that / (D ln 2):
+the Jacobian, log 256 per dimension included, replaces the original's offset (8 for [0, 1] data, 7
+for [-1, 1]), so uniform dequantisation reproduces ``likelihood.get_bpd_fn``.
+
+Dequantisers, ``dequantizer(key, x) -> (u, log q(u | x))`` with x (B, ...) integers and example i
+drawing from ``fold_in(key, i)``:
+
+* ``uniform``: u ~ U[0, 1)^D, log q = 0 (score_sde; the same noise as ``likelihood.dequantize``);
+* ``truncated_normal(std)``: u ~ N(1/2, std^2) truncated to [0, 1) (i-DODE's training-free
+  dequantiser; ``matched_std`` gives its choice, the model's noise level at eps in bin units);
+* ``variational(module, variables)``: a trained ``models.dequantizer.VariationalDequantizer``
+  (ScoreFlow, after Flow++), trained with the score model frozen by ``get_loss_fn``.
+
+log p(y) comes from the PF-ODE (``likelihood.get_likelihood_fn``, an unbiased estimate of log p_eps
+with Hutchinson probes) or from the variational bound (``bound.get_bound_fn``, whose -B(y) is an
+unbiased estimate of a lower bound on log p_theta(y)): ``get_bpd_fn(estimator="ode" | "bound")``.
+With K > 1 the estimates enter the log-mean-exp, so the Monte-Carlo noise of each log p(y_k) biases
+the result upwards by about half its variance; K = 1 keeps the bound unbiased.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from score_sde import bound as bound_lib
+from score_sde import likelihood
+from score_sde import sde as sde_lib
+from score_sde.models import dequantizer as dequantizer_lib
+
+Array = jax.Array
+Dequantizer = Callable[[Array, Array], tuple[Array, Array]]
+"""``dequantizer(key, x (B, ...) ints) -> (u (B, ...) in [0, 1), log q(u | x) (B,))``."""
+LogDensityFn = Callable[[Array, Array], Array]
+"""``log_density_fn(key, y (B, ...)) -> (B,)``: (an estimate of) log p(y) in model space, nats."""
+
+# Largest float32 below 1.
+_ONE_MINUS = 1.0 - 2.0**-24
+
+
+def _example_keys(key: Array, batch: int) -> Array:
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+
+
+def uniform(key: Array, x: Array) -> tuple[Array, Array]:
+  """u ~ U[0, 1)^D and log q = 0; (x + u) / 256 equals ``likelihood.dequantize(key, x)``."""
+  u = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:]))(_example_keys(key, x.shape[0]))
+  return u, jnp.zeros((x.shape[0],), u.dtype)
+
+
+def truncated_normal(std: float, mean: float = 0.5) -> Dequantizer:
+  """u ~ N(mean, std^2) truncated to [0, 1) (i-DODE), with its log-density.
+
+  log q(u) = sum_d [log phi((u - mean) / std) - log std] - D log(Phi((1 - mean) / std) - Phi(-mean / std)).
+  """
+  if not std > 0 or not 0 <= mean <= 1:
+    raise ValueError(f"truncated_normal needs std > 0 and mean in [0, 1], got std={std}, mean={mean}.")
+  lo, hi = -mean / std, (1.0 - mean) / std
+  log_mass = math.log(0.5 * (math.erf(hi / math.sqrt(2)) - math.erf(lo / math.sqrt(2))))
+
+  def dequantizer(key: Array, x: Array) -> tuple[Array, Array]:
+    keys = _example_keys(key, x.shape[0])
+    e = jax.vmap(lambda k: jax.random.truncated_normal(k, lo, hi, x.shape[1:]))(keys)
+    u = jnp.clip(mean + std * e, 0.0, _ONE_MINUS)
+    e = (u - mean) / std
+    d = math.prod(x.shape[1:])
+    log_q = (-0.5 * jnp.sum(e.reshape(x.shape[0], -1) ** 2, axis=1)
+             - d * (0.5 * math.log(2 * math.pi) + math.log(std) + log_mass))
+    return u, log_q
+
+  return dequantizer
+
+
+def matched_std(sde: sde_lib.SDE, eps: float, bin_width: float) -> float:
+  """i-DODE's truncated-normal std: the noise level sigma~_eps = sigma_eps / alpha_eps in bins.
+
+  Args:
+    sde: the SDE of the score model.
+    eps: the likelihood's starting time.
+    bin_width: one quantisation level in model space (2 / 256 for data in [-1, 1]).
+  """
+  alpha, sigma = sde.alpha_sigma(jnp.asarray([eps], jnp.float32))
+  return float(sigma[0] / alpha[0]) / bin_width
+
+
+def variational(module: dequantizer_lib.VariationalDequantizer, variables: Any) -> Dequantizer:
+  """The dequantiser of a trained ``VariationalDequantizer`` and its variables."""
+  return jax.tree_util.Partial(_variational, module, variables)
+
+
+def _variational(module, variables, key, x):
+  return module.apply(variables, key, x, method=module.sample_and_log_prob)
+
+
+# Dequantisers by name (a variational one is built from trained variables with ``variational``).
+DEQUANTIZERS: dict[str, Callable[..., Dequantizer]] = {
+    "uniform": lambda: uniform,
+    "truncated_normal": truncated_normal,
+}
+
+
+def get_dequantizer(name: str, **kwargs) -> Dequantizer:
+  """A dequantiser by name: ``uniform`` or ``truncated_normal`` (std=..., mean=0.5)."""
+  if name not in DEQUANTIZERS:
+    raise ValueError(f"Unknown dequantizer {name!r}; valid choices: {sorted(DEQUANTIZERS)} (a variational "
+                     f"dequantiser is built with variational(module, variables)).")
+  return DEQUANTIZERS[name](**kwargs)
+
+
+def to_model_space(x: Array, u: Array, data_scaler: Callable[[Array], Array] | None = None) -> tuple[Array, Array]:
+  """y = s((x + u) / 256) (B, ...) and log|dy/du| (B,) (elementwise scaler; -D log 256 included)."""
+  scaler = (lambda v: v) if data_scaler is None else data_scaler
+  v = (x.astype(u.dtype) + u) / 256.0
+  y, dy_dv = jax.jvp(scaler, (v,), (jnp.ones_like(v),))
+  d = math.prod(x.shape[1:])
+  return y, jnp.sum(jnp.log(jnp.abs(dy_dv)).reshape(x.shape[0], -1), axis=1) - d * math.log(256.0)
+
+
+def log_prob_bound(key: Array, log_density_fn: LogDensityFn, dequantizer: Dequantizer, x: Array,
+                   num_samples: int = 1, data_scaler: Callable[[Array], Array] | None = None
+                   ) -> tuple[Array, Array]:
+  """The importance-weighted bound log (1/K) sum_k w_k <= log P(x), in nats.
+
+  Sample k uses ``k_deq, k_density = split(fold_in(key, k))``. Jit-able (a ``lax.map`` over k).
+
+  Args:
+    key: PRNG key.
+    log_density_fn: ``log_density_fn(key, y) -> (B,)``, log p(y) in model space (or an estimate).
+    dequantizer: ``dequantizer(key, x) -> (u, log_q)``.
+    x: (B, ...) integers in 0..255.
+    num_samples: K.
+    data_scaler: elementwise map from [0, 1) to model space; identity by default.
+
+  Returns:
+    The bound (B,) and the log-weights log w_k (B, K).
+  """
+  log_w, _ = _log_weights(key, lambda k, y: (log_density_fn(k, y), None), dequantizer, x, num_samples, data_scaler)
+  return jax.nn.logsumexp(log_w, axis=1) - math.log(num_samples), log_w
+
+
+def _log_weights(key, log_density_fn, dequantizer, x, num_samples, data_scaler):
+  """log w (B, K), and the second output of ``log_density_fn(key, y) -> (log p, other)`` per sample."""
+  def log_weight(k):
+    k_deq, k_density = jax.random.split(jax.random.fold_in(key, k))
+    u, log_q = dequantizer(k_deq, x)
+    y, log_det = to_model_space(x, u, data_scaler)
+    log_p, other = log_density_fn(k_density, y)
+    return log_p + log_det - log_q, other
+
+  log_w, other = jax.lax.map(log_weight, jnp.arange(num_samples))
+  return log_w.T, other
+
+
+def _check_images(images: Array) -> Array:
+  images = jnp.asarray(images)
+  if not jnp.issubdtype(images.dtype, jnp.integer):
+    raise ValueError(f"Dequantisation needs 8-bit integer data (uint8, or ints in 0..255), got dtype "
+                     f"{images.dtype}; for continuous data use likelihood.get_likelihood_fn or bound.get_bound_fn.")
+  if images.ndim < 2:
+    raise ValueError(f"images must have shape (B, ...), got {images.shape}.")
+  return images
+
+
+ESTIMATORS = ("ode", "bound")
+
+
+def get_bpd_fn(sde: sde_lib.SDE, dequantizer: Dequantizer = uniform, estimator: str = "ode", num_samples: int = 1,
+               data_scaler: Callable[[Array], Array] | None = None, **estimator_kwargs) -> Callable:
+  """Builds ``bpd_fn(key, score_fn, images) -> (bpd, aux)``: -log P(x) bound in bits/dim, K samples.
+
+  Args:
+    sde: the forward SDE the score function belongs to.
+    dequantizer: ``uniform`` (default), ``truncated_normal(std)``, ``variational(module, variables)``.
+    estimator: ``ode`` (log p_eps from ``likelihood.get_likelihood_fn``) or ``bound`` (-B from
+      ``bound.get_bound_fn``).
+    num_samples: K importance samples of the dequantiser per image.
+    data_scaler: elementwise map from [0, 1) to model space; identity by default.
+    **estimator_kwargs: options of the estimator (divergence, rtol, atol, eps, ... for ``ode``;
+      eps, num_time_samples, decoder, ... for ``bound``).
+
+  Returns:
+    ``bpd_fn(key, score_fn, images)`` with integer images (B, ...), returning bits/dim (B,) and aux
+    {"log_weights": (B, K) nats}; for ``ode`` also "nfe" (the most over the K solves), for
+    ``bound`` also "bound_se" (B, K), the standard errors of the bounds (nats).
+  """
+  if estimator not in ESTIMATORS:
+    raise ValueError(f"Unknown estimator {estimator!r}; valid choices: {sorted(ESTIMATORS)}.")
+  if int(num_samples) != num_samples or num_samples < 1:
+    raise ValueError(f"num_samples must be a positive integer, got {num_samples}.")
+  if estimator == "ode":
+    lik = likelihood.get_likelihood_fn(sde, **estimator_kwargs)
+    log_density = lambda score_fn, k, y: (lambda out: (out[0], out[2]))(lik(k, score_fn, y))
+  else:
+    bound_fn = bound_lib.get_bound_fn(sde, **estimator_kwargs)
+    log_density = lambda score_fn, k, y: (lambda out: (-out[0], out[1]))(bound_fn(k, score_fn, y))
+
+  @eqx.filter_jit
+  def bpd(key, score_fn, dequantizer, images):
+    images = eqx.error_if(images, (jnp.min(images) < 0) | (jnp.max(images) > 255),
+                          "bits/dim needs 8-bit images with values in 0..255.")
+    log_w, other = _log_weights(key, lambda k, y: log_density(score_fn, k, y), dequantizer, images, num_samples,
+                                data_scaler)
+    log_p = jax.nn.logsumexp(log_w, axis=1) - math.log(num_samples)
+    aux = {"log_weights": log_w}
+    aux.update({"nfe": jnp.max(other)} if estimator == "ode" else {"bound_se": other.T})
+    return -log_p / (math.prod(images.shape[1:]) * math.log(2.0)), aux
+
+  def bpd_fn(key: Array, score_fn: sde_lib.ScoreFn, images: Array) -> tuple[Array, dict[str, Array]]:
+    return bpd(key, score_fn, dequantizer, _check_images(images))
+
+  return bpd_fn
+
+
+def bound_nll_fn(sde: sde_lib.SDE, score_fn: sde_lib.ScoreFn, **bound_kwargs) -> Callable[[Array, Array], Array]:
+  """``nll_fn(key, y) -> (B,)``: the variational bound B(y) of a frozen score model, for ``get_loss_fn``.
+
+  ``bound_kwargs`` go to ``bound.get_bound_fn`` (eps, num_time_samples (1 by default: one score
+  evaluation per example), decoder, sigma_data).
+  """
+  bound_fn = bound_lib.get_bound_fn(sde, **bound_kwargs)
+  return lambda key, y: bound_fn(key, score_fn, y)[0]
+
+
+def get_loss_fn(module: dequantizer_lib.VariationalDequantizer, nll_fn: Callable[[Array, Array], Array],
+                data_scaler: Callable[[Array], Array] | None = None) -> Callable:
+  """The dequantiser's objective: E_{u ~ q}[nll(y(u)) - log|dy/du| + log q(u | x)] >= -log P(x).
+
+  With ``nll_fn = bound_nll_fn(sde, score_fn)`` this is ScoreFlow's objective, the bound of the
+  frozen score model (one score evaluation per example); any unbiased estimate of an upper bound on
+  -log p(y) (e.g. an exact -log p) serves. ``k_deq, k_nll = split(key)``.
+
+  Args:
+    module: the ``VariationalDequantizer``.
+    nll_fn: ``nll_fn(key, y (B, ...)) -> (B,)`` nats in model space.
+    data_scaler: elementwise map from [0, 1) to model space; identity by default.
+
+  Returns:
+    ``loss_fn(key, params, images) -> (loss, aux)`` as ``losses.get_sde_loss_fn``'s (for
+    ``losses.get_step_fn``): loss in nats per dimension; aux {"per_example": the bound on
+    -log P(x) (B,) in nats, "metrics": {"bpd": its batch mean in bits/dim}}.
+  """
+  def loss_fn(key: Array, params: Any, images: Array) -> tuple[Array, dict[str, Any]]:
+    k_deq, k_nll = jax.random.split(key)
+    u, log_q = module.apply(params, k_deq, images, method=module.sample_and_log_prob)
+    y, log_det = to_model_space(images, u, data_scaler)
+    per_example = nll_fn(k_nll, y) - log_det + log_q
+    d = math.prod(images.shape[1:])
+    return jnp.mean(per_example) / d, {"per_example": per_example,
+                                       "metrics": {"bpd": jnp.mean(per_example) / (d * math.log(2.0))}}
+
+  return loss_fn
+
+
+__all__ = ["DEQUANTIZERS", "ESTIMATORS", "Dequantizer", "bound_nll_fn", "get_bpd_fn", "get_dequantizer",
+           "get_loss_fn", "log_prob_bound", "matched_std", "to_model_space", "truncated_normal", "uniform",
+           "variational"]
