@@ -95,7 +95,7 @@ def _sample_program(config: ml_collections.ConfigDict, sde, mesh: jax.sharding.M
 
     return jax.jit(run, out_shardings=(parallel.batch_sharding(mesh), parallel.replicated(mesh)))
 
-  return _program(("sample", repr(sde), shape, config.sampling.to_json(), config.data.centered, quantised, mesh),
+  return _program(("sample", sde, shape, config.sampling.to_json(), config.data.centered, quantised, mesh),
                   build)
 
 
@@ -267,7 +267,7 @@ def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
     exact = float(earlier["exact_mean"]) if "exact_mean" in earlier else None
     return {"values": values, "mean": mean, "sem": sem, "unit": str(earlier["unit"]), "split": split,
             "step": step, "npz": str(npz), "exact_mean": exact, "kept": True, "source": ds.source_note}
-  fn = _program(("likelihood", repr(sde), e.divergence, e.rtol, e.atol, e.eps, config.data.centered, ds.eight_bit,
+  fn = _program(("likelihood", sde, e.divergence, e.rtol, e.atol, e.eps, config.data.centered, ds.eight_bit,
                  mesh), lambda: jax.jit(builders.build_likelihood_fn(config, sde, ds.eight_bit),
                                         out_shardings=parallel.batch_sharding(mesh)))
   unit = "bits/dim" if ds.eight_bit else "nats"
@@ -320,7 +320,7 @@ def eval_loss(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, 
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
   restored = restored or builders.restore_score_model(config, workdir, step=step, devices=devices)
   sde, network, score_fn, step = restored.sde, restored.network, restored.fn, restored.step
-  per_example = _program(("loss", repr(sde), network, config.training.to_json(), config.data.centered, mesh),
+  per_example = _program(("loss", sde, network, config.training.to_json(), config.data.centered, mesh),
                          lambda: jax.jit(builders.build_eval_loss_fn(config, sde, network),
                                          out_shardings=parallel.batch_sharding(mesh)))
   train_ds, test_ds = datasets.get_dataset(config, evaluation=True)

@@ -1,35 +1,16 @@
-"""Forward SDEs of score-based generative modelling and their reverses.
+"""Forward SDEs dx = f(x, t) dt + g(t) dw with Gaussian kernels x_t = alpha_t x_0 + sigma_t z, and their reverses.
 
-Every SDE here has a Gaussian perturbation kernel
-
-    x_t = alpha_t * x_0 + sigma_t * eps,    eps ~ N(0, I),
-
-and is written in the paper's notation, dx = f(x, t) dt + g(t) dw, on t in [0, T] with T = 1.
-
-* ``VPSDE``: beta(t) = beta_min + t (beta_max - beta_min), f = -beta(t) x / 2, g = sqrt(beta(t)),
-  sigma_t^2 = 1 - alpha_t^2.
-* ``SubVPSDE``: the same alpha_t, sigma_t = 1 - alpha_t^2, g^2 = beta(t) (1 - alpha_t^4).
-* ``VESDE``: sigma(t) = sigma_min (sigma_max / sigma_min)^t, f = 0, alpha_t = 1,
-  g = sigma(t) sqrt(2 log(sigma_max / sigma_min)).
-
-Discretisation. ``discretize(x, t, dt)`` gives the one-step Markov chain from time t - dt to t,
-x_t = x_{t-dt} + f_i + G_i z, that predictors and correctors build on. By default
-(``discretization="grid"``) the chain is derived from the marginals between the two grid times,
-x_t = a x_s + sqrt(v) z with a = alpha_t / alpha_s and v = sigma_t^2 - a^2 sigma_s^2. For VP this
-is the DDPM chain (beta_i = 1 - a^2), for VE the SMLD chain (G^2 = sigma_t^2 - sigma_s^2), and for
-subVP the same construction gives a valid chain; it is well defined for every N. A step that
-reaches t - dt <= 0 lands on clean data (alpha = 1, sigma = 0), as the original's tables do.
-``discretization="table"`` reproduces the original's fixed tables of N levels indexed by
-round(t (N - 1)) (DDPM betas linspace(beta_min/N, beta_max/N, N); SMLD sigmas geometric between
-sigma_min and sigma_max), which the published numbers used. subVP has only the grid chain.
-
-Shapes: ``x`` is (B, ...), ``t`` is (B,) (a scalar is broadcast), per-example scalars are (B,).
+``VPSDE``, ``SubVPSDE`` and ``VESDE`` on t in [0, T], T = 1; ``discretize`` gives the one-step chain that
+predictors and correctors use (``discretization="grid"``: from the marginals between grid times;
+``"table"``: the original's DDPM / SMLD tables). Shapes: x (B, ...), t (B,), per-example scalars (B,).
+Formulas and the discretisations: ``docs/sde.md``.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -72,21 +53,22 @@ def _standard_normal_logp(z: Array) -> Array:
 
 
 class SDE(abc.ABC):
-  """A forward SDE with Gaussian perturbation kernel x_t = alpha_t x_0 + sigma_t eps.
+  """A forward SDE with Gaussian perturbation kernel x_t = alpha_t x_0 + sigma_t z.
 
-  Subclasses give the marginal coefficients (``alpha_sigma``), the SDE coefficients (``sde``)
-  and the prior; discretisation, reversal and everything samplers need follow from these.
+  Subclasses are frozen dataclasses (equal parameters: equal SDEs, usable as static arguments of
+  compiled programs) that give ``alpha_sigma``, ``sde`` and the prior; the rest follows from these.
   """
 
-  def __init__(self, N: int, discretization: str = "grid"):
-    if int(N) != N or N < 1:
-      raise ValueError(f"N (the number of discretisation steps) must be a positive integer, got {N}.")
-    if discretization not in _DISCRETIZATIONS:
-      raise ValueError(f"Unknown discretization {discretization!r}; valid choices: {_DISCRETIZATIONS}.")
-    if discretization == "table" and type(self)._table_levels is SDE._table_levels:
+  N: int
+  discretization: str
+
+  def __post_init__(self):
+    if int(self.N) != self.N or self.N < 1:
+      raise ValueError(f"N (the number of discretisation steps) must be a positive integer, got {self.N}.")
+    if self.discretization not in _DISCRETIZATIONS:
+      raise ValueError(f"Unknown discretization {self.discretization!r}; valid choices: {_DISCRETIZATIONS}.")
+    if self.discretization == "table" and type(self)._table_levels is SDE._table_levels:
       raise ValueError(f"{type(self).__name__} has no fixed discretisation table; use discretization='grid'.")
-    self.N = int(N)
-    self.discretization = discretization
 
   @property
   def T(self) -> float:
@@ -207,19 +189,6 @@ class SDE(abc.ABC):
     """
     return ReverseSDE(self, score_fn, probability_flow)
 
-  def __repr__(self):
-    fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if isinstance(v, (int, float, str)))
-    return f"{type(self).__name__}({fields})"
-
-  # Value semantics: an SDE is its class and parameters (its tables derive from them), so two SDEs
-  # built from the same config are interchangeable, e.g. as static parts of a compiled program's
-  # arguments (a score function restored twice reuses the compilation).
-  def __eq__(self, other):
-    return type(self) is type(other) and repr(self) == repr(other)
-
-  def __hash__(self):
-    return hash(repr(self))
-
 
 @dataclasses.dataclass(frozen=True)
 class ReverseSDE:
@@ -259,14 +228,23 @@ class ReverseSDE:
 
 
 class _LinearBetaSDE(SDE):
-  """Shared by VP and subVP: beta(t) linear in t and log alpha_t = -int_0^t beta / 2."""
+  """Shared by VP and subVP: beta(t) = beta_min + t (beta_max - beta_min), log alpha_t = -int_0^t beta / 2."""
 
-  def __init__(self, beta_min: float, beta_max: float, N: int, discretization: str):
-    super().__init__(N, discretization)
-    if not 0 <= beta_min <= beta_max:
-      raise ValueError(f"Need 0 <= beta_min <= beta_max, got beta_min={beta_min}, beta_max={beta_max}.")
-    self.beta_0 = float(beta_min)
-    self.beta_1 = float(beta_max)
+  beta_min: float
+  beta_max: float
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not 0 <= self.beta_min <= self.beta_max:
+      raise ValueError(f"Need 0 <= beta_min <= beta_max, got beta_min={self.beta_min}, beta_max={self.beta_max}.")
+
+  @property
+  def beta_0(self) -> float:
+    return float(self.beta_min)
+
+  @property
+  def beta_1(self) -> float:
+    return float(self.beta_max)
 
   def beta(self, t: Array) -> Array:
     return self.beta_0 + t * (self.beta_1 - self.beta_0)
@@ -284,22 +262,42 @@ class _LinearBetaSDE(SDE):
     return _gaussian_cross_entropy(mean, std, 1.0)
 
 
+@dataclasses.dataclass(frozen=True)
 class VPSDE(_LinearBetaSDE):
-  """Variance-preserving SDE (the continuous limit of DDPM)."""
+  """Variance-preserving SDE (the continuous limit of DDPM): f = -beta(t) x / 2, g = sqrt(beta(t))."""
 
-  def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000,
-               discretization: str = "grid"):
-    super().__init__(beta_min, beta_max, N, discretization)
-    # The original's DDPM table (also the noise levels of discretely trained VP models).
-    self.discrete_betas = np.linspace(beta_min / N, beta_max / N, N)
-    if discretization == "table" and self.discrete_betas.max() >= 1:
+  beta_min: float = 0.1
+  beta_max: float = 20.0
+  N: int = 1000
+  discretization: str = "grid"
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.discretization == "table" and self.discrete_betas.max() >= 1:
       raise ValueError(
-          f"The DDPM table has beta_i = beta_max / N = {beta_max / N:g} >= 1 at N={N}, which makes "
-          f"the chain singular; use discretization='grid' (valid for every N) or N > {beta_max:g}.")
-    self.alphas = 1.0 - self.discrete_betas
-    self.alphas_cumprod = np.cumprod(self.alphas)
-    self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
-    self.sqrt_1m_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+          f"The DDPM table has beta_i = beta_max / N = {self.beta_max / self.N:g} >= 1 at N={self.N}, which makes "
+          f"the chain singular; use discretization='grid' (valid for every N) or N > {self.beta_max:g}.")
+
+  # The original's DDPM table (also the noise levels of discretely trained VP models).
+  @functools.cached_property
+  def discrete_betas(self) -> np.ndarray:
+    return np.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N)
+
+  @functools.cached_property
+  def alphas(self) -> np.ndarray:
+    return 1.0 - self.discrete_betas
+
+  @functools.cached_property
+  def alphas_cumprod(self) -> np.ndarray:
+    return np.cumprod(self.alphas)
+
+  @property
+  def sqrt_alphas_cumprod(self) -> np.ndarray:
+    return np.sqrt(self.alphas_cumprod)
+
+  @property
+  def sqrt_1m_alphas_cumprod(self) -> np.ndarray:
+    return np.sqrt(1.0 - self.alphas_cumprod)
 
   def alpha_sigma(self, t):
     log_alpha = self.log_alpha(t)
@@ -323,12 +321,14 @@ class VPSDE(_LinearBetaSDE):
     return super().ancestral_step(x, t, score, dt)
 
 
+@dataclasses.dataclass(frozen=True)
 class SubVPSDE(_LinearBetaSDE):
-  """Sub-VP SDE: VP's drift with a smaller diffusion, so sigma_t = 1 - alpha_t^2."""
+  """Sub-VP SDE: VP's drift, g^2 = beta(t) (1 - alpha_t^4), so sigma_t = 1 - alpha_t^2."""
 
-  def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000,
-               discretization: str = "grid"):
-    super().__init__(beta_min, beta_max, N, discretization)
+  beta_min: float = 0.1
+  beta_max: float = 20.0
+  N: int = 1000
+  discretization: str = "grid"
 
   def alpha_sigma(self, t):
     log_alpha = self.log_alpha(t)
@@ -341,18 +341,26 @@ class SubVPSDE(_LinearBetaSDE):
     return batch_mul(-0.5 * beta_t, x), jnp.sqrt(beta_t * discount)
 
 
+@dataclasses.dataclass(frozen=True)
 class VESDE(SDE):
-  """Variance-exploding SDE (the continuous limit of SMLD / NCSN)."""
+  """Variance-exploding SDE (the continuous limit of SMLD / NCSN): sigma(t) = sigma_min (sigma_max / sigma_min)^t,
+  f = 0, g = sigma(t) sqrt(2 log(sigma_max / sigma_min))."""
 
-  def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000,
-               discretization: str = "grid"):
-    super().__init__(N, discretization)
-    if not 0 < sigma_min < sigma_max:
-      raise ValueError(f"Need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
-    self.sigma_min = float(sigma_min)
-    self.sigma_max = float(sigma_max)
-    # The original's SMLD table, ascending in t (also the levels of discretely trained VE models).
-    self.discrete_sigmas = np.exp(np.linspace(np.log(sigma_min), np.log(sigma_max), N))
+  sigma_min: float = 0.01
+  sigma_max: float = 50.0
+  N: int = 1000
+  discretization: str = "grid"
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not 0 < self.sigma_min < self.sigma_max:
+      raise ValueError(f"Need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
+                       f"sigma_max={self.sigma_max}.")
+
+  # The original's SMLD table, ascending in t (also the levels of discretely trained VE models).
+  @functools.cached_property
+  def discrete_sigmas(self) -> np.ndarray:
+    return np.exp(np.linspace(np.log(self.sigma_min), np.log(self.sigma_max), self.N))
 
   def sigma(self, t: Array) -> Array:
     return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
