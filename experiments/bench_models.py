@@ -55,6 +55,8 @@ def _timed(run, steps: int) -> tuple[float, float, float]:
 
 def measure(name: str, variant: str, batch: int, steps: int) -> dict:
   """Compiles and times one train step of config ``name`` with the model options of ``variant``."""
+  from score_sde import xla_cpu  # pylint: disable=import-outside-toplevel
+  xla_cpu.configure()  # before JAX starts: XLA's own convolutions on a CPU, as main.py has them
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 

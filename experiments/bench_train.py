@@ -21,10 +21,14 @@ import importlib
 import logging as py_logging
 import tempfile
 
-import jax
+from score_sde import xla_cpu
 
-from score_sde import train
-from score_sde import builders
+xla_cpu.configure()  # before JAX starts: XLA's own convolutions on a CPU, as main.py has them
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from score_sde import builders  # pylint: disable=g-import-not-at-top,wrong-import-position
+from score_sde import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_CONFIGS = {"toy/vp_8gaussians": 2000, "toy/ve_checkerboard": 2000, "vp/digits_unet_continuous": 200}
 

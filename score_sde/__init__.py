@@ -1,8 +1,7 @@
-"""score_sde: score-based generative modelling with stochastic differential equations in JAX."""
+"""score_sde: score-based generative modelling with stochastic differential equations in JAX.
 
-from score_sde import xla_cpu as _xla_cpu
-
-# Before JAX starts a backend: XLA's own convolutions on the CPU (see score_sde/xla_cpu.py).
-_xla_cpu.configure()
+Importing the package changes nothing in the process. On CPUs, entry points call
+``score_sde.xla_cpu.configure()`` before JAX runs anything (``main.py``, the notebooks, the tests).
+"""
 
 __version__ = "0.1.0"

@@ -281,11 +281,6 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
       np.shape(x), sharding, lambda index, x=np.asarray(x): x[index]), tree)
 
 
-def to_host(tree: Any) -> Any:
-  """Brings a pytree of (possibly sharded, fully replicated or addressable) arrays to numpy."""
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-
-
 # --- Agreement between processes ------------------------------------------------------------------
 # Resumable work reads records (files) to skip finished parts. Every process must take the same
 # branch, or the collectives of the part one of them runs wait forever for the others: these turn a

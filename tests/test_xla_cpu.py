@@ -1,4 +1,5 @@
-"""XLA CPU options set on import: convolutions on XLA's own kernels, a user's own choice kept."""
+"""XLA CPU options: importing the package changes nothing; ``configure`` (the entry points') moves convolutions
+to XLA's own kernels and keeps a user's own choice."""
 
 import os
 import subprocess
@@ -8,7 +9,12 @@ from score_sde import xla_cpu
 
 # Compiles one 3x3 convolution after importing the package; prints how many YNNPACK fusions hold it.
 _PROBE = """
+import os, sys
 import score_sde
+from score_sde import xla_cpu
+assert os.environ.get("XLA_FLAGS", "") == sys.argv[1], "importing score_sde changed XLA_FLAGS"
+if sys.argv[2] == "configure":
+  xla_cpu.configure()
 import jax, jax.numpy as jnp
 x, w = jnp.ones((8, 32, 32, 128)), jnp.ones((3, 3, 128, 128))
 conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -31,25 +37,15 @@ def test_a_users_own_ynn_option_is_left_alone():
   assert environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
 
 
-def _ynn_convolutions(xla_flags: str) -> int:
+def _ynn_convolutions(xla_flags: str, configure: bool) -> int:
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags)
-  out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120,
-                       check=True)
+  out = subprocess.run([sys.executable, "-c", _PROBE, xla_flags, "configure" if configure else "no"], env=env,
+                       capture_output=True, text=True, timeout=120, check=True)
   return int(out.stdout.split()[-1])
 
 
-def test_importing_the_package_moves_convolutions_off_ynnpack():
-  assert _ynn_convolutions("") == 0
-  # XLA's default, restored by the user's own option, puts the convolution in a YNNPACK fusion.
-  assert _ynn_convolutions("--xla_cpu_experimental_ynn_fusion_type=+individual_convolution") == 1
-
-
-def test_importing_after_the_cpu_backend_started_warns_with_the_fix():
-  probe = "import jax.numpy as jnp; jnp.ones(1).block_until_ready(); import score_sde"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  run = subprocess.run([sys.executable, "-c", probe], env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True,
-                       text=True, timeout=120, check=True)
-  assert "started before score_sde was imported" in run.stderr and xla_cpu.CONVOLUTIONS_TO_XLA in run.stderr
-  quiet = subprocess.run([sys.executable, "-c", "import score_sde, jax.numpy as jnp; jnp.ones(1)"],
-                         env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120, check=True)
-  assert "started before" not in quiet.stderr
+def test_importing_changes_nothing_and_configure_moves_convolutions_off_ynnpack():
+  assert _ynn_convolutions("", configure=False) == 1   # XLA's default: the convolution is a YNNPACK fusion
+  assert _ynn_convolutions("", configure=True) == 0
+  # The user's own option wins over configure().
+  assert _ynn_convolutions("--xla_cpu_experimental_ynn_fusion_type=+individual_convolution", configure=True) == 1
