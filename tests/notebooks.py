@@ -15,8 +15,9 @@ import re
 
 import pytest
 
+from tests import helpers
+
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _parameters_cell(nb):
@@ -43,7 +44,7 @@ def run(name: str, small: dict[str, str], tmp_path: pathlib.Path, monkeypatch, f
     cell.source, count = re.subn(rf"^{key} = .*$", f"{key} = {value}", cell.source, flags=re.M)
     assert count == 1, f"{key} is not set in the parameters cell of {name}"
   if fast_compile:
-    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)
+    monkeypatch.setenv("XLA_FLAGS", helpers.FAST_COMPILE_FLAGS)
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": str(tmp_path)}})
   client.execute()

@@ -18,7 +18,6 @@ from score_sde import builders
 from score_sde import checkpoints
 from score_sde import datasets
 from score_sde import evaluate
-from score_sde import guidance
 from score_sde import losses
 from score_sde import models
 from score_sde import train

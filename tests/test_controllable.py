@@ -25,14 +25,12 @@ import numpy as np
 import pytest
 
 from score_sde import analytic, controllable, sampling
-from score_sde import sde as sde_lib
 from score_sde.sampling import pc
 from tests import stats
+from tests import helpers
 
-SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.SubVPSDE(),
-        "ve": sde_lib.VESDE(sigma_min=0.01, sigma_max=10.0)}
-# Test programs are small: compile them without XLA's expensive passes.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+SDES = helpers.SDES
+FAST_COMPILE = helpers.FAST_COMPILE
 
 # p_U, and the 4-D product: coordinates (0, 2) known, ~ N(M_K, diag(V_K)); (1, 3) unknown, ~ p_U.
 P_U = analytic.GaussianMixture.random(seed=0, dim=2)

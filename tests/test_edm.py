@@ -10,9 +10,9 @@ from scipy import stats as scipy_stats
 from score_sde import analytic, losses
 from score_sde import sde as sde_lib
 from score_sde.models import edm
+from tests import helpers
 
-SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.SubVPSDE(),
-        "ve": sde_lib.VESDE(sigma_min=0.01, sigma_max=10.0)}
+SDES = helpers.SDES
 
 
 def posterior_mean(gm, x, alpha, sigma):

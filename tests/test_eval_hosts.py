@@ -20,7 +20,9 @@ import time
 import numpy as np
 import pytest
 
-from tests import notebooks
+from tests import helpers
+
+pytestmark = pytest.mark.slow  # left out by the fast command (README, "Tests")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,7 +89,7 @@ def _free_port() -> int:
 def _launch(out, nproc: int, devices_per_process: int, batch: int) -> list[tuple[subprocess.Popen, pathlib.Path]]:
   """Starts the processes; each one's stdout and stderr go to ``out/log_<pid>.txt``."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} {notebooks.FAST_COMPILE}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} {helpers.FAST_COMPILE_FLAGS}")
   port = str(_free_port())
   launched = []
   for p in range(nproc):

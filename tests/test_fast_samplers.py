@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 
 from score_sde import analytic, sampling
-from score_sde import sde as sde_lib
 from score_sde.sampling import dpm_solver, noise_levels
 from tests import stats
+from tests import helpers
 
 # The original's VE default sigma_max = 50: at T the VE view is then as close to pure noise as
 # VP's (sigma~_T ~ 150), so a multistep method's first-order warm-up step is as harmless (see
 # ORDER_CASES).
-SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.SubVPSDE(),
-        "ve": sde_lib.VESDE(sigma_min=0.01, sigma_max=50.0)}
+SDES = helpers.sdes(ve_sigma_max=50.0)
 EPS = 1e-3
 # A smooth 2-D mixture (per-axis std 0.25-0.5): the flow is smooth, so the step counts below are
 # in the asymptotic regime of every solver.
@@ -26,7 +25,7 @@ B = 32
 
 
 # Test programs are small and run once: compile them without XLA's expensive passes.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = helpers.FAST_COMPILE
 
 
 @functools.lru_cache(maxsize=None)

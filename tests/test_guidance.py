@@ -27,8 +27,9 @@ from score_sde.models import mlp
 from score_sde.models import unet
 from score_sde.models import wrapper
 from tests import stats
+from tests import helpers
 
-SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.SubVPSDE(), "ve": sde_lib.VESDE(sigma_min=0.01, sigma_max=10.0)}
+SDES = helpers.SDES
 MIXTURE = datasets.toy_density("mixture")  # three anisotropic components in 2-D
 K = MIXTURE.num_components
 EPS32 = float(np.finfo(np.float32).eps)

@@ -25,15 +25,12 @@ import pytest
 from score_sde import analytic
 from score_sde import losses
 from score_sde import sde as sde_lib
+from tests import helpers
 
 Z_TOL = 5.0  # Two-sided 5-sigma: a false failure has probability ~6e-7 per comparison.
 BATCH = 2**16
 
-SDES = {
-    "vp": lambda: sde_lib.VPSDE(),
-    "subvp": lambda: sde_lib.SubVPSDE(),
-    "ve": lambda: sde_lib.VESDE(sigma_min=0.01, sigma_max=50.0),
-}
+SDES = helpers.sdes(ve_sigma_max=50.0)
 # A single anisotropic Gaussian with event shape (2, 2), so reductions see a non-flat example.
 GAUSSIAN = analytic.GaussianMixture.create(
     [1.0], [[0.5, -0.3, 0.2, 1.0]],
@@ -105,7 +102,7 @@ def assert_matches(aux, expected, rel_power=0.02):
 
 @pytest.fixture(params=sorted(SDES))
 def sde(request):
-  return SDES[request.param]()
+  return SDES[request.param]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from score_sde import datasets
 from score_sde import evaluate
 from score_sde import train
 from score_sde import builders
-from tests import notebooks
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def cli_compilation_cache(tmp_path_factory):
   run (eval after train) loads the programs an earlier one compiled instead of compiling them again.
   Their networks are tiny, so compiling, not running, is what takes their time."""
   with pytest.MonkeyPatch.context() as patch:
-    patch.setenv("XLA_FLAGS", notebooks.FAST_COMPILE)
+    patch.setenv("XLA_FLAGS", helpers.FAST_COMPILE_FLAGS)
     patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("cli_cache")))
     patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     yield
@@ -70,6 +70,7 @@ def toy_run(tmp_path_factory):
   return config, workdir
 
 
+@pytest.mark.slow
 def test_cli_train_then_eval_and_summary(tmp_path):
   workdir = tmp_path / "run"
   proc = run_main("--config", "configs/toy/vp_8gaussians.py", "--workdir", str(workdir), "--mode", "train", *TINY)
@@ -148,6 +149,7 @@ BAD_INPUT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
 def test_cli_bad_input_is_a_short_message(case, tmp_path):
   (tmp_path / "file").write_text("")
@@ -162,6 +164,7 @@ def test_cli_bad_input_is_a_short_message(case, tmp_path):
   assert not (tmp_path / "run" / "checkpoints").exists()     # refused before anything ran
 
 
+@pytest.mark.slow
 def test_cli_show_traceback_shows_where_an_error_was_raised(tmp_path):
   proc = run_main("--config", "configs/toy/vp_8gaussians.py", f"--workdir={tmp_path}", "--config.training.sde=vpsd",
                   "--show_traceback", timeout=120)

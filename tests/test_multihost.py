@@ -29,6 +29,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # left out by the fast command (README, "Tests")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "multihost_worker.py"
 TIMEOUT = 240  # seconds for any one group of processes

@@ -22,6 +22,7 @@ from configs import default
 from score_sde import builders, models
 from score_sde import sde as sde_lib
 from score_sde.models import classifier, ncsn_layers, ncsnv2, normalization, wrapper
+from tests import helpers
 
 KEY = jax.random.key(0, impl="unsafe_rbg")
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -36,7 +37,7 @@ def _random_variables(model, shape, seed=0, scale=0.3):
 
 
 # Tiny networks compile in about half the time with LLVM's optimisations off, and run as fast.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = helpers.FAST_COMPILE
 
 
 @functools.cache

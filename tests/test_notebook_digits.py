@@ -1,6 +1,10 @@
 """notebooks/digits.ipynb runs top to bottom (with small settings) and is stored without outputs."""
 
+import pytest
+
 from tests import notebooks
+
+pytestmark = pytest.mark.slow  # left out by the fast command (README, "Tests")
 
 NAME = "digits.ipynb"
 

@@ -1,6 +1,10 @@
 """notebooks/import_original.ipynb runs top to bottom (with small settings) and is stored without outputs."""
 
+import pytest
+
 from tests import notebooks
+
+pytestmark = pytest.mark.slow  # left out by the fast command (README, "Tests")
 
 NAME = "import_original.ipynb"
 

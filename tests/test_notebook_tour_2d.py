@@ -1,6 +1,10 @@
 """notebooks/tour_2d.ipynb runs top to bottom (with small settings) and is stored without outputs."""
 
+import pytest
+
 from tests import notebooks
+
+pytestmark = pytest.mark.slow  # left out by the fast command (README, "Tests")
 
 NAME = "tour_2d.ipynb"
 

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from tests import notebooks
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_every_readme_command_is_run_or_listed_with_a_reason():
 def test_readme_commands_run(tmp_path):
   (tmp_path / "main.py").symlink_to(ROOT / "main.py")
   (tmp_path / "configs").symlink_to(ROOT / "configs")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=notebooks.FAST_COMPILE,
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=helpers.FAST_COMPILE_FLAGS,
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   ran = 0
   for command in readme_commands():

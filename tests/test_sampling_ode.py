@@ -9,14 +9,13 @@ import pytest
 
 from score_sde import analytic
 from score_sde import sampling
-from score_sde import sde as sde_lib
 from score_sde.sampling import ode
 from tests import stats
+from tests import helpers
 
 # sigma_max of the VE SDE: a few times the largest pairwise distance of the mixtures used here
 # (means at norm 1, per-axis std at most 0.5), the original's rule for choosing it.
-SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.SubVPSDE(),
-        "ve": sde_lib.VESDE(sigma_min=0.01, sigma_max=10.0)}
+SDES = helpers.SDES
 EPS = 1e-3
 
 

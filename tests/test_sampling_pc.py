@@ -32,11 +32,11 @@ from score_sde import sampling
 from score_sde import sde as sde_lib
 from score_sde.sampling import correctors, pc
 from tests import stats
+from tests import helpers
 
 # sigma_max of the VE SDE: 2-3 times the largest pairwise distance of the mixtures (3.7 in 2-D,
 # 4.8 in 64-D), the original's rule for choosing it with some room.
-SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.SubVPSDE(),
-        "ve": sde_lib.VESDE(sigma_min=0.01, sigma_max=10.0)}
+SDES = helpers.SDES
 PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral_sampling", "none")
 CORRECTORS = ("langevin", "ald", "none")
 COMBOS_2D = [(p, c) for p in PREDICTORS for c in CORRECTORS if (p, c) != ("none", "none")]

@@ -8,17 +8,14 @@ from scipy import stats as scipy_stats
 
 from score_sde import analytic
 from score_sde import sde as sde_lib
+from tests import helpers
 
-SDES = {
-    "vp": lambda **kw: sde_lib.VPSDE(**kw),
-    "subvp": lambda **kw: sde_lib.SubVPSDE(**kw),
-    "ve": lambda **kw: sde_lib.VESDE(sigma_min=0.01, sigma_max=5.0, **kw),
-}
+SDES = helpers.sdes(ve_sigma_max=5.0)
 
 
 @pytest.fixture(params=sorted(SDES))
 def sde(request):
-  return SDES[request.param]()
+  return SDES[request.param]
 
 
 def test_api_shapes(sde):

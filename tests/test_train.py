@@ -249,6 +249,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one(straight, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
              PYTHONPATH=str(ROOT))
