@@ -1,43 +1,9 @@
 """Training objectives, optimiser, train state and the train / eval step.
 
-Losses never see a network. They see a *score-function builder*
-
-    build_score_fn(params, key, train) -> score_fn(x, t)
-
-that turns parameters into a score function s_theta(x, t) ~ grad_x log p_t(x) (``key`` feeds
-dropout when ``train``). The model wrapper is the only code that knows whether a network predicts
-noise, the score or x_0, and how it is conditioned on t; every loss below is written in terms of
-the score.
-
-Denoising score matching (Song et al. 2021, eq. 7). With x_t = alpha_t x_0 + sigma_t z,
-
-    L(theta) = E_t E_{x_0} E_z [ lambda(t) || s_theta(x_t, t) + z / sigma_t ||^2 ]
-             = E_t E_{x_0} E_z [ w(t) || sigma_t s_theta(x_t, t) + z ||^2 ],   w = lambda / sigma_t^2.
-
-* default: lambda = sigma_t^2 (w = 1), t ~ U(eps, T);
-* ``likelihood_weighting``: lambda = g(t)^2 (w = g^2 / sigma^2), which makes the objective an upper
-  bound on the negative log-likelihood (Song, Durkan, Murray & Ermon 2021);
-* ``importance_weighting``: the likelihood-weighted objective with t drawn from a proposal
-  q(t) ~ g(t)^2 / sigma_t^2 on [eps, T] and weight w = g^2 / (sigma^2 (T - eps) q(t)), unbiased for
-  the likelihood-weighted objective and nearly constant, so its variance is far lower. The
-  proposal is tabulated from the SDE itself (``likelihood_importance_proposal``), so it serves
-  every SDE.
-
-Discrete losses of the original (labels i ~ U{0, ..., N-1}, the score called at t_i = i / (N - 1)):
-DDPM for VP (the noise table sqrt(1 - alphabar_i)) and SMLD for VE (the sigma table).
-
-Class-conditional training. ``get_class_conditional_loss_fn`` trains s_theta(x, t | y) with any of
-the losses above on batches {"image", "label"}, replacing each label by the null class with
-probability ``label_dropout`` so that one network also learns the unconditional score
-(classifier-free guidance, Ho & Salimans 2022). ``get_classifier_loss_fn`` trains a
-noise-conditional classifier p_phi(y | x_t, t) by cross-entropy on x_t = alpha_t x_0 + sigma_t z,
-t ~ U(eps, T), for classifier guidance.
-
-Per-example reduction: mean over dimensions (``reduce_mean``) or 0.5 * sum (the original's
-default); then a plain ``jnp.mean`` over the batch, so every function here runs unchanged under
-``jax.jit`` with a sharded batch (no device axis is ever named).
-
-Shapes: a batch is an array x_0 of shape (B, ...) in model space (already scaled).
+Losses take a score-function builder ``build_score_fn(params, key, train) -> score_fn(x, t)`` (the model
+wrapper alone knows what a network predicts) and model-space batches x_0 (B, ...). Denoising score
+matching: E_t E_z [ w(t) || sigma_t s_theta(x_t, t) + z ||^2 ], x_t = alpha_t x_0 + sigma_t z; weightings,
+the discrete DDPM / SMLD losses and class-conditional training: ``docs/training.md``.
 """
 
 from __future__ import annotations
@@ -81,23 +47,9 @@ def _g2_over_sigma2(sde: sde_lib.SDE, t: Array) -> Array:
 
 def likelihood_importance_proposal(
     sde: sde_lib.SDE, eps: float, num_cells: int = 4096) -> Callable[[Array, int], tuple[Array, Array]]:
-  """A proposal q(t) ~ g(t)^2 / sigma_t^2 on [eps, T], tabulated once from the SDE.
-
-  [eps, T] is split into ``num_cells`` geometric cells (the density behaves like 1/t near 0 for VP
-  and subVP and is constant for VE, so geometric cells hold similar masses); each cell's mass is the
-  trapezoidal integral of g^2 / sigma^2. The proposal is the piecewise-constant density with those
-  masses: t is drawn by inverting its piecewise-linear CDF, and ``sample`` returns the exact density
-  q(t) of this procedure, so an estimator weighted by 1 / q is unbiased whatever the tabulation
-  error (which only costs variance).
-
-  Args:
-    sde: any SDE of ``score_sde.sde``.
-    eps: smallest time, 0 < eps < T.
-    num_cells: number of cells of the table.
-
-  Returns:
-    ``sample(key, n) -> (t, q)``, each (n,): times in [eps, T] and their proposal density.
-  """
+  """``sample(key, n) -> (t, q(t))`` (n,): q ~ g(t)^2 / sigma_t^2 on [eps, T], piecewise constant on
+  ``num_cells`` geometric cells (trapezoidal masses); q is the exact density of the draw, so 1 / q weights
+  stay unbiased."""
   with jax.ensure_compile_time_eval():  # A constant table, even when built inside a trace.
     edges = np.geomspace(eps, sde.T, num_cells + 1)
     h = np.asarray(_g2_over_sigma2(sde, jnp.asarray(edges, jnp.float32)), np.float64)
@@ -126,23 +78,13 @@ def get_sde_loss_fn(sde: sde_lib.SDE, build_score_fn: ScoreFnBuilder, *, train: 
                     reduce_mean: bool = True, continuous: bool = True,
                     likelihood_weighting: bool = False, importance_weighting: bool = False,
                     eps: float = 1e-5) -> LossFn:
-  """Denoising score matching for any SDE: E w(t) || sigma_t s_theta(x_t, t) + z ||^2.
+  """``loss_fn(key, params, x_0 (B, ...)) -> (loss, {"per_example", "t"})``: E w(t) || sigma_t s(x_t, t) + z ||^2.
 
   Args:
-    sde: the forward SDE.
-    build_score_fn: ``build_score_fn(params, key, train) -> score_fn``.
-    train: passed to ``build_score_fn`` (dropout on or off).
     reduce_mean: mean over dimensions per example, else 0.5 * sum.
-    continuous: t ~ U(eps, T). ``False`` draws t from the N-point grid i / (N - 1) that a network
-      conditioned on a discrete index sees (with the SDE's own marginals; the original's DDPM / SMLD
-      tables are ``get_ddpm_loss_fn`` / ``get_smld_loss_fn``).
-    likelihood_weighting: lambda(t) = g(t)^2 instead of sigma_t^2 (needs ``continuous``).
-    importance_weighting: draw t from q ~ g^2 / sigma^2 and reweight; needs
-      ``likelihood_weighting``.
-    eps: smallest time, 0 < eps < T.
-
-  Returns:
-    ``loss_fn(key, params, batch) -> (loss, {"per_example": (B,), "t": (B,)})``.
+    continuous: t ~ U(eps, T); ``False``: t on the grid i / (N - 1) with the SDE's own marginals.
+    likelihood_weighting: lambda(t) = g(t)^2 instead of sigma_t^2 (w = lambda / sigma_t^2).
+    importance_weighting: t ~ q(t) ~ g^2 / sigma^2, reweighted (needs ``likelihood_weighting``).
   """
   if not 0 < eps < sde.T:
     raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps}; the score is undefined at sigma_0 = 0 "
@@ -160,7 +102,7 @@ def get_sde_loss_fn(sde: sde_lib.SDE, build_score_fn: ScoreFnBuilder, *, train: 
   def loss_fn(key: Array, params: Params, batch: Array) -> tuple[Array, dict[str, Array]]:
     k_t, k_z, k_model = jax.random.split(key, 3)
     b = batch.shape[0]
-    # Times and the weight w(t) = lambda(t) / sigma_t^2 (divided by (T - eps) q(t) under importance sampling).
+    # Times and the weight w(t) = lambda(t) / sigma_t^2 (/ (T - eps) q(t) under importance sampling).
     if proposal is not None:
       t, q = proposal(k_t, b)
       weight = _g2_over_sigma2(sde, t) / ((sde.T - eps) * q)
@@ -203,25 +145,9 @@ def _discrete_loss_fn(noise_table: np.ndarray, signal_table: np.ndarray, n: int,
 
 def get_class_conditional_loss_fn(make_loss_fn: Callable[[ScoreFnBuilder], LossFn], build_score_fn: Callable, *,
                                   num_classes: int, label_dropout: float = 0.0) -> LossFn:
-  """A score-matching loss of a class-conditional network, on batches {"image", "label"}.
-
-  Each label y in {0..C-1} is replaced by the null class C with probability ``label_dropout``
-  (Ho & Salimans 2022), then bound to the network, and ``make_loss_fn``'s loss runs on the images
-  with the rest of the key: ``k_drop, k_loss = split(key)``. With ``label_dropout = 1`` the loss is
-  therefore exactly the unconditional (null-class) model's loss under ``k_loss``. A label outside
-  [0, C) makes the loss NaN (the training loop stops and names the step), never a wrong class.
-
-  Args:
-    make_loss_fn: ``make_loss_fn(build_score_fn) -> loss_fn(key, params, images)``, e.g.
-      ``lambda b: get_loss_fn(sde, b, train=True)``.
-    build_score_fn: ``build_score_fn(params, key, train, class_labels=y) -> score_fn``
-      (``models.wrapper.get_score_fn_builder``).
-    num_classes: C; the null class is C.
-    label_dropout: probability of training on the null class instead of the label, in [0, 1].
-
-  Returns:
-    ``loss_fn(key, params, {"image": (B, ...), "label": (B,) int}) -> (loss, aux)``.
-  """
+  """``loss_fn(key, params, {"image", "label"})``: ``make_loss_fn``'s loss with labels bound, each replaced by
+  the null class C with probability ``label_dropout`` (classifier-free guidance); a label outside [0, C)
+  gives NaN. ``make_loss_fn(build_score_fn) -> loss_fn``; ``k_drop, k_loss = split(key)``."""
   if num_classes < 1:
     raise ValueError(f"Class-conditional training needs num_classes >= 1, got {num_classes}; set "
                      f"config.model.num_classes.")
@@ -241,24 +167,9 @@ def get_class_conditional_loss_fn(make_loss_fn: Callable[[ScoreFnBuilder], LossF
 
 
 def get_classifier_loss_fn(sde: sde_lib.SDE, build_logit_fn: Callable, *, train: bool, eps: float = 1e-5) -> LossFn:
-  """Cross-entropy of a noise-conditional classifier on perturbed data, for every SDE.
-
-  L(phi) = E_t E_{x_0, y} E_z [ -log softmax(f_phi(x_t, t))_y ],  x_t = alpha_t x_0 + sigma_t z,
-  t ~ U(eps, T): the classifier learns p(y | x_t) at every noise level a sampler visits. (Under
-  VE, sigma_t is log-uniform on [sigma(eps), sigma_max].)
-
-  Args:
-    sde: the forward SDE (that of the score model the classifier will guide).
-    build_logit_fn: ``build_logit_fn(params, key, train) -> logit_fn(x, t) (B, num_classes)``
-      (``models.wrapper.get_logit_fn_builder``).
-    train: passed to ``build_logit_fn``.
-    eps: smallest time, 0 < eps < T.
-
-  Returns:
-    ``loss_fn(key, params, {"image": (B, ...), "label": (B,) int}) -> (loss, aux)``; aux holds
-    ``per_example`` and ``t`` (B,) and ``metrics`` {"accuracy": ()} (of the batch, at its times).
-    A label outside [0, num_classes) makes its loss NaN.
-  """
+  """``loss_fn(key, params, {"image", "label"}) -> (loss, aux)``: E_t E_z [-log softmax(f(x_t, t))_y],
+  t ~ U(eps, T), of a noise-conditional classifier ``build_logit_fn(params, key, train) -> logit_fn``;
+  aux adds ``metrics`` {"accuracy"}; a label outside the classes gives NaN."""
   if not 0 < eps < sde.T:
     raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps}; set config.training.eps.")
 
@@ -291,15 +202,7 @@ def _check_discrete(sde: sde_lib.SDE, table: str, loss: str) -> None:
 
 def get_ddpm_loss_fn(vpsde: sde_lib.VPSDE, build_score_fn: ScoreFnBuilder, *, train: bool,
                      reduce_mean: bool = True) -> LossFn:
-  """The DDPM loss (Ho et al. 2020) in score form, on the original's table of N levels.
-
-  x_i = sqrt(alphabar_i) x_0 + sqrt(1 - alphabar_i) eps and the loss is
-  || sqrt(1 - alphabar_i) s(x_i, t_i) + eps ||^2, which is || eps_theta - eps ||^2 for a
-  noise-predicting network (its discrete wrapper maps t_i back to the label round(t_i (N - 1))).
-
-  Returns:
-    ``loss_fn(key, params, batch) -> (loss, {"per_example": (B,), "t": (B,)})``.
-  """
+  """DDPM (Ho et al. 2020) in score form on the original's table: || sqrt(1 - abar_i) s(x_i, t_i) + z ||^2."""
   _check_discrete(vpsde, "alphas_cumprod", "DDPM")
   return _discrete_loss_fn(vpsde.sqrt_1m_alphas_cumprod, vpsde.sqrt_alphas_cumprod, vpsde.N,
                            build_score_fn, train, reduce_mean)
@@ -307,14 +210,7 @@ def get_ddpm_loss_fn(vpsde: sde_lib.VPSDE, build_score_fn: ScoreFnBuilder, *, tr
 
 def get_smld_loss_fn(vesde: sde_lib.VESDE, build_score_fn: ScoreFnBuilder, *, train: bool,
                      reduce_mean: bool = False) -> LossFn:
-  """The SMLD / NCSN loss (Song & Ermon 2019) on the original's table of N noise levels.
-
-  x_i = x_0 + sigma_i z with sigma_i ascending in t_i = i / (N - 1); the target is -z / sigma_i and
-  the weight sigma_i^2, i.e. || sigma_i s(x_i, t_i) + z ||^2.
-
-  Returns:
-    ``loss_fn(key, params, batch) -> (loss, {"per_example": (B,), "t": (B,)})``.
-  """
+  """SMLD / NCSN (Song & Ermon 2019) on the original's sigma table: || sigma_i s(x_0 + sigma_i z, t_i) + z ||^2."""
   _check_discrete(vesde, "discrete_sigmas", "SMLD")
   return _discrete_loss_fn(vesde.discrete_sigmas, np.ones_like(vesde.discrete_sigmas), vesde.N,
                            build_score_fn, train, reduce_mean)
@@ -329,11 +225,7 @@ _DISCRETE_CHOICES = ("Discrete losses exist for VPSDE (DDPM, get_ddpm_loss_fn) a
 def get_loss_fn(sde: sde_lib.SDE, build_score_fn: ScoreFnBuilder, *, train: bool,
                 continuous: bool = True, reduce_mean: bool = True, likelihood_weighting: bool = False,
                 importance_weighting: bool = False, eps: float = 1e-5) -> LossFn:
-  """The training loss of a config: continuous DSM, or the discrete DDPM (VP) / SMLD (VE) loss.
-
-  ``continuous=False`` picks the original's discrete loss for the SDE's table; weighting options
-  and ``eps`` apply to continuous training only.
-  """
+  """Continuous DSM (``get_sde_loss_fn``), or with ``continuous=False`` the original's DDPM (VP) / SMLD (VE) loss."""
   if continuous:
     return get_sde_loss_fn(sde, build_score_fn, train=train, reduce_mean=reduce_mean,
                            likelihood_weighting=likelihood_weighting,
@@ -364,13 +256,8 @@ _OPTIMIZERS = ("adam",)
 def get_optimizer(lr: float = 2e-4, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                   weight_decay: float = 0.0, warmup: int = 5000, grad_clip: float = 1.0,
                   optimizer: str = "adam") -> optax.GradientTransformation:
-  """Adam with linear lr warm-up and global-norm gradient clipping (the original's recipe).
-
-  Gradients are clipped to global norm ``grad_clip`` (skipped when ``grad_clip < 0``), then Adam
-  runs with lr * min(step / warmup, 1). ``weight_decay > 0`` decays weights decoupled from the
-  gradient, p <- p - lr (adam + weight_decay p), as ``flax.optim.Adam`` did (``optax.adamw``).
-  The learning rate is a closure, not state: a resumed run follows the current config.
-  """
+  """Global-norm clipping (off for ``grad_clip < 0``), then Adam at lr min(step / warmup, 1) (the original's
+  recipe); ``weight_decay > 0``: decoupled decay as ``flax.optim.Adam`` had (``optax.adamw``)."""
   if optimizer.lower() not in _OPTIMIZERS:
     raise ValueError(f"Unknown optimizer {optimizer!r}; valid choices: {_OPTIMIZERS}.")
   if grad_clip == 0:
@@ -429,35 +316,14 @@ NONFINITE_POLICIES = ("stop", "skip")
 def get_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, train: bool,
                 ema_rate: float = 0.999, ema_warmup: bool = False, n_jitted_steps: int = 1,
                 nonfinite: str = "stop") -> StepFn:
-  """A pure train (or eval) step, ``step_fn(base_key, state, batch) -> (new_state, metrics)``.
-
-  The key of the j-th batch of a call is ``fold_in(base_key, state.step + j)``: in training that is
-  the step number, so resuming from a checkpoint replays the same randomness. Training takes one
-  optimiser step per batch and updates the EMA,
-  ema <- decay ema + (1 - decay) params (``optax.incremental_update``). Evaluation
-  (``train=False``) computes the loss on ``state.ema_params`` and returns the state unchanged; use
-  a different ``base_key`` from training's.
-
-  Jit it with the state donated, ``jax.jit(step_fn, donate_argnums=1)``. With ``nonfinite="stop"``
-  non-finite losses are the caller's to check (``metrics["loss"]``). With ``"skip"``, a step whose
-  loss or gradient norm is not finite keeps the parameters, optimiser state and EMA as they were
-  (the step count still advances, so the next step draws fresh randomness), decided on device,
-  and ``metrics["skipped"]`` is 1 for it (0 otherwise). Evaluation also reports the scalars of the
-  loss's ``aux["metrics"]``, if any (a classifier's accuracy).
+  """``step_fn(base_key, state, batch) -> (state, metrics)``: an optimiser step and EMA update per batch (or,
+  ``train=False``, the loss of ``state.ema_params``), batch j's key ``fold_in(base_key, state.step + j)``.
 
   Args:
-    loss_fn: ``loss_fn(key, params, batch) -> (loss, aux)``.
-    optimizer: an optax transformation (``get_optimizer``).
-    train: update the state, or only evaluate.
-    ema_rate: EMA decay in [0, 1].
-    ema_warmup: the PyTorch port's decay warm-up (``ema_decay``).
-    n_jitted_steps: batches per call. With k > 1 every leaf of ``batch`` has a leading axis of size
-      k and the k steps run in one ``lax.scan``; metrics then have a leading axis k.
-    nonfinite: ``"stop"`` (apply every update; the caller stops) or ``"skip"`` (drop non-finite updates).
-
-  Returns:
-    ``step_fn``; metrics hold ``loss`` (and ``grad_norm``, before clipping, when training, and
-    ``skipped`` with ``nonfinite="skip"``).
+    n_jitted_steps: k > 1 scans k batches (leading axis k of every leaf; metrics get one too).
+    nonfinite: ``"stop"`` (the caller checks ``metrics["loss"]``) or ``"skip"`` (a non-finite update keeps
+      the state, ``metrics["skipped"]`` = 1). Metrics: ``loss``, ``grad_norm`` (before clipping), a loss's
+      ``aux["metrics"]`` when evaluating.
   """
   if not 0 <= ema_rate <= 1:
     raise ValueError(f"ema_rate must lie in [0, 1], got {ema_rate}.")
@@ -507,32 +373,9 @@ def get_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, tra
 def get_edm_loss_fn(sde: sde_lib.SDE, build_score_fn: ScoreFnBuilder, *, train: bool,
                     sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2,
                     reduce_mean: bool = True, eps: float = 1e-5) -> LossFn:
-  """EDM's training loss (Karras et al. 2022, Sec. 5) for any SDE and any score function.
-
-  In the VE view y = x / alpha_t with noise level sigma~ = sigma_t / alpha_t:
-
-      L = E_{sigma~} E_{x_0} E_n [ lambda(sigma~) || D_theta(x_0 + sigma~ n; sigma~) - x_0 ||^2 ],
-
-  ln sigma~ ~ N(p_mean, p_std^2), lambda = 1 / c_out^2 = (sigma~^2 + sigma_d^2) / (sigma~ sigma_d)^2.
-  Each sigma~ is mapped to the SDE's time t with lambda_t = -log sigma~ (bisection,
-  ``noise_levels.t_of_lambda``; levels outside [sigma~(eps), sigma~(T)] are clipped to the SDE's
-  range, and the loss uses the level of the clipped t); then x_t = alpha_t (x_0 + sigma~ n) and the
-  denoiser is Tweedie's D = (x_t + sigma_t^2 s_theta(x_t, t)) / alpha_t. With an EDM-preconditioned
-  network (``models.edm.get_edm_score_fn_builder``) this is EDM's loss exactly, and the effective
-  target of the network F has unit weight; any other score model trains under the same objective.
-
-  Args:
-    sde: the forward SDE.
-    build_score_fn: ``build_score_fn(params, key, train) -> score_fn``.
-    train: passed to ``build_score_fn``.
-    sigma_data: sigma_d, the data's standard deviation (0.5 for images in [-1, 1]).
-    p_mean, p_std: the log-normal distribution of sigma~ (EDM: -1.2, 1.2).
-    reduce_mean: mean over dimensions per example, else 0.5 * sum.
-    eps: smallest time, 0 < eps < T.
-
-  Returns:
-    ``loss_fn(key, params, batch) -> (loss, {"per_example": (B,), "t": (B,)})``.
-  """
+  """EDM's loss (Karras et al. 2022): E lambda(sigma~) || D(x_0 + sigma~ n; sigma~) - x_0 ||^2, ln sigma~ ~
+  N(p_mean, p_std^2), lambda = 1 / c_out^2, sigma~ mapped to the SDE's time (clipped to [eps, T]); D is
+  Tweedie's denoiser of the score."""
   if not 0 < eps < sde.T:
     raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps}.")
   if not (sigma_data > 0 and p_std > 0):

@@ -145,9 +145,9 @@ def test_bad_inputs_and_options_raise_value_errors():
     likelihood.get_likelihood_fn(sde, divergence="hutchinson")
   with pytest.raises(ValueError, match="valid choices: \\['dopri5', 'dopri8', 'tsit5'\\]"):
     likelihood.get_likelihood_fn(sde, solver="RK45")
-  with pytest.raises(ValueError, match="valid options: .*divergence"):
+  with pytest.raises(TypeError, match="unexpected keyword argument 'hutchinson_type'"):
     likelihood.get_likelihood_fn(sde, hutchinson_type="Rademacher")
-  with pytest.raises(ValueError, match="valid options: .*rtol"):
+  with pytest.raises(TypeError, match="unexpected keyword argument 'method'"):
     likelihood.get_encode_fn(sde, method="RK45")
   with pytest.raises(ValueError, match="num_probes"):
     likelihood.get_likelihood_fn(sde, divergence="exact", num_probes=4)
