@@ -21,12 +21,16 @@ VE networks built with ``scale_by_sigma`` divide their output by that noise leve
 is the continuous label, or the table entry of the discrete one), as the original's models did, so
 the wrapper never rescales; a noise-predicting (VP / subVP) network must not set it.
 
-Rounding. The original looks the discrete VP std up at ``int(t (N - 1))``, which truncates: at
-t = i / (N - 1) in float32 the product falls just below i for 170 of the 1000 levels of N = 1000
-(first at i = 15, where it is 14.999999), which picks level i - 1, a std 5% too small there. Here
-the index is round(t (N - 1)), so the discrete losses (which call the score at t_i = i / (N - 1))
-and samplers see level i. The network label itself stays the real
-number t (N - 1), as in the original (its sinusoidal embedding is smooth in the label).
+Rounding (a departure from both originals). The JAX original (``int(labels)``) and the PyTorch port
+(``.long()``) truncate the discrete VP index t (N - 1); here it is rounded. The reason holds for times
+computed by XLA as t_i = i / (N - 1) in float32, as the discrete losses here do: t_i (N - 1) falls just
+below i for 170 of the 1000 levels of N = 1000 (first at i = 15: 14.999999), and truncation would take
+level i - 1, a std 5% too small. It does not hold for the originals' sampling times linspace(T, eps, N),
+where t (N - 1) = N - 1 - j (1 - eps) has the fraction j eps: rounding takes the table entry above
+truncation's wherever that fraction is at least 1/2 (for N = 1000 and eps = 1e-3, every step from
+j = 500 on, measured in float32), so on those steps a discrete VP model sampled here sees the
+neighbouring std of the table.
+The network label itself stays the real number t (N - 1), as in the original.
 
 Why a table keyed by SDE class rather than an SDE method: the parameterisation is a convention of
 trained networks, not a property of the diffusion, so it belongs with the models (an SDE may serve
