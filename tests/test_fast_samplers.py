@@ -85,6 +85,7 @@ ORDER_CASES = [
     ("euler", {}, (16, 32, 64), (0.5, 1.5)),
     ("heun", {}, (32, 64, 128), (1.5, 2.5)),
     ("dpm_solver", {"order": 2}, (16, 32, 64), (1.5, 2.5)),
+    ("dpm_solver", {"order": 2, "solver_type": "midpoint"}, (16, 32, 64), (1.5, 2.5)),
     ("dpm_solver", {"order": 3}, (29, 59, 119), (2.5, 3.5)),
     ("dpm_solver++", {"order": 2}, (16, 32, 64), (1.5, 2.5)),
     ("dpm_solver++", {"order": 3}, (16, 32, 64), (2.5, 3.5)),
@@ -98,7 +99,8 @@ ORDER_CASES = [
 
 @pytest.mark.parametrize("name", sorted(SDES))
 @pytest.mark.parametrize("method,options,budgets,bounds", ORDER_CASES,
-                         ids=[f"{m}-{o.get('order', '')}{o.get('corrector', '')}" for m, o, _, _ in ORDER_CASES])
+                         ids=[f"{m}-{o.get('order', '')}{o.get('corrector', '')}{o.get('solver_type', '')}"
+                              for m, o, _, _ in ORDER_CASES])
 def test_each_solver_converges_with_its_order(name, method, options, budgets, bounds):
   errors_ = errors(name, method, budgets, **options)
   measured = -np.polyfit(np.log(budgets), np.log(errors_), 1)[0]
@@ -110,17 +112,6 @@ def test_dpm_solver_1_is_ddim():
   np.testing.assert_allclose(errors("vp", "dpm_solver", (16,), order=1), errors("vp", "euler", (16,)), rtol=1e-4)
 
 
-def test_unipc_2_bh2_predictor_alone_is_dpm_solver_pp_2m():
-  # UniP-2 with B(h) = e^{-h} - 1 and rho = 1/2 has DPM-Solver++(2M)'s midpoint weights.
-  sde = SDES["ve"]
-  z, _ = reference("ve")
-  options = dict(nfe=12, order=2, time_grid="logsnr", lower_order_final=False)
-  unip = sampling.get_sampler(sde, (B, 2), method="unipc", variant="bh2", corrector="none", **options)
-  dpmpp = sampling.get_sampler(sde, (B, 2), method="dpm_solver++", **options)
-  np.testing.assert_allclose(unip(None, GM.score_fn(sde), z=z)[0], dpmpp(None, GM.score_fn(sde), z=z)[0],
-                             rtol=1e-4, atol=1e-5)
-
-
 def gaussian_score(sde, calls):
   """The score of p_0 = N(0, I) under ``sde``, -x / (alpha^2 + sigma^2), counting its runtime calls."""
   def score_fn(x, t):
@@ -128,6 +119,80 @@ def gaussian_score(sde, calls):
     alpha, sigma = sde.alpha_sigma(t)
     return -x / (alpha**2 + sigma**2)[:, None]
   return score_fn
+
+
+def test_dpm_solver_midpoint_is_the_papers_dpm_solver_2():
+  # Lu et al. (2022), Alg. 1 in x on the log-SNR grid, with s1 halfway in lambda (float64 throughout):
+  # u = (alpha_s1 / alpha_s) x - sigma_s1 (e^{h/2} - 1) epsilon(x, s),
+  # x_t = (alpha_t / alpha_s) x - sigma_t (e^h - 1) epsilon(u, s1).
+  sde, steps = SDES["vp"], 3
+  z = np.asarray(sde.prior_sampling(jax.random.key(1), (B, 2)), np.float64)
+  score_fn = gaussian_score(sde, [])  # float64 under x64, unlike the mixture's.
+  lv = noise_levels.levels(sde, noise_levels.time_grid(sde, "logsnr", steps, EPS))
+  with jax.enable_x64(True):
+    noise = lambda x, t, sigma: -sigma * np.asarray(score_fn(jnp.asarray(x), jnp.full((B,), t)))
+    x = z
+    for i in range(steps):
+      h = lv.lam[i + 1] - lv.lam[i]
+      mid = noise_levels.levels(sde, noise_levels.times_of_lambda(sde, [lv.lam[i] + h / 2], EPS, sde.T))
+      u = mid.alpha[0] / lv.alpha[i] * x - mid.sigma[0] * np.expm1(h / 2) * noise(x, lv.t[i], lv.sigma[i])
+      x = lv.alpha[i + 1] / lv.alpha[i] * x - lv.sigma[i + 1] * np.expm1(h) * noise(u, mid.t[0], mid.sigma[0])
+    run = lambda **o: np.asarray(sampling.get_sampler(sde, (B, 2), method="dpm_solver", time_grid="logsnr",
+                                                      eps=EPS, **o)(None, score_fn, z=jnp.asarray(z))[0])
+    np.testing.assert_allclose(run(nfe=2 * steps, order=2, solver_type="midpoint"), x, rtol=1e-9, atol=1e-9)
+    assert np.max(np.abs(run(nfe=2 * steps, order=2) - x)) > 1e-3  # taylor: another second-order step.
+    # The option changes the order-2 steps only: [3, 3, 1] is the same for both, [3, 3, 2] is not.
+    np.testing.assert_array_equal(run(nfe=7, order=3, solver_type="midpoint"), run(nfe=7, order=3))
+    assert np.max(np.abs(run(nfe=8, order=3, solver_type="midpoint") - run(nfe=8, order=3))) > 1e-4
+
+
+def test_heun_with_denoise_is_edms_deterministic_sampler():
+  # Karras et al. (2022), Alg. 1 in the VE view: N levels sigma~(T) ... sigma~(eps), then 0, so N - 1 Heun steps
+  # and an Euler step to 0 (= the denoiser): 2N - 1 evaluations. heun's default (no denoise) ends at eps instead.
+  sde, levels_n = SDES["vp"], 6
+  z = np.asarray(sde.prior_sampling(jax.random.key(1), (B, 2)), np.float64)
+  score_fn = gaussian_score(sde, [])  # float64 under x64, unlike the mixture's.
+  lv = noise_levels.levels(sde, noise_levels.time_grid(sde, "karras", levels_n - 1, EPS))
+  sigma_tilde = lv.sigma_tilde
+  with jax.enable_x64(True):
+    denoise = lambda y, i: y + lv.sigma[i] ** 2 / lv.alpha[i] * np.asarray(
+        score_fn(jnp.asarray(lv.alpha[i] * y), jnp.full((B,), lv.t[i])))
+    y = z / lv.alpha[0]
+    for i in range(levels_n - 1):
+      d_cur = (y - denoise(y, i)) / sigma_tilde[i]
+      y_next = y + (sigma_tilde[i + 1] - sigma_tilde[i]) * d_cur
+      d_prime = (y_next - denoise(y_next, i + 1)) / sigma_tilde[i + 1]
+      y = y + (sigma_tilde[i + 1] - sigma_tilde[i]) * (0.5 * d_cur + 0.5 * d_prime)
+    x = denoise(y, levels_n - 1)
+    run = lambda **o: np.asarray(sampling.get_sampler(sde, (B, 2), method="heun", nfe=2 * levels_n - 1, eps=EPS,
+                                                      **o)(None, score_fn, z=jnp.asarray(z))[0])
+    np.testing.assert_allclose(run(denoise=True), x, rtol=1e-9, atol=1e-9)
+    assert np.max(np.abs(run() - x)) > 1e-2
+
+
+def test_a_float64_state_keeps_float64_constants():
+  # DDIM on p_0 = N(0, I) under VP, in float64 on the host: y += (sigma~_{i+1} - sigma~_i) sigma_i alpha_i y.
+  sde = SDES["vp"]
+  with jax.enable_x64(True):
+    z = jax.random.normal(jax.random.key(0), (4, 2), jnp.float64)
+    x = sampling.get_sampler(sde, (4, 2), method="euler", nfe=8, eps=EPS)(None, gaussian_score(sde, []), z=z)[0]
+    assert x.dtype == jnp.float64
+  lv = noise_levels.levels(sde, noise_levels.time_grid(sde, "quadratic", 8, EPS))
+  y = np.asarray(z) / lv.alpha[0]
+  for i in range(8):
+    y = y + (lv.sigma_tilde[i + 1] - lv.sigma_tilde[i]) * lv.sigma[i] * lv.alpha[i] * y
+  np.testing.assert_allclose(x, lv.alpha[-1] * y, rtol=1e-12)
+
+
+def test_unipc_2_bh2_predictor_alone_is_dpm_solver_pp_2m():
+  # UniP-2 with B(h) = e^{-h} - 1 and a = 1/2 has DPM-Solver++(2M)'s midpoint weights.
+  sde = SDES["ve"]
+  z, _ = reference("ve")
+  options = dict(nfe=12, order=2, time_grid="logsnr", lower_order_final=False)
+  unip = sampling.get_sampler(sde, (B, 2), method="unipc", variant="bh2", corrector="none", **options)
+  dpmpp = sampling.get_sampler(sde, (B, 2), method="dpm_solver++", **options)
+  np.testing.assert_allclose(unip(None, GM.score_fn(sde), z=z)[0], dpmpp(None, GM.score_fn(sde), z=z)[0],
+                             rtol=1e-4, atol=1e-5)
 
 
 NFE_CASES = [
@@ -206,6 +271,7 @@ def test_time_grids_span_T_to_eps_and_are_what_they_say():
     ("unipc", dict(nfe=10, variant="bh3"), "valid choices"),
     ("unipc", dict(nfe=10, corrector="heun"), "valid choices"),
     ("dpm_solver++", dict(nfe=10, solver_type="heun"), "valid choices"),
+    ("dpm_solver", dict(nfe=10, solver_type="dpmsolver"), "valid choices"),
     ("dpm_solver++", dict(nfe=10, eta=-1.0), "eta"),
     ("heun", dict(nfe=10, s_churn=-1.0), "s_churn"),
     ("euler", dict(nfe=2.5), "integer"),

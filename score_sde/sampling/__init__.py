@@ -20,6 +20,7 @@ parameters do not trigger a recompilation.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from score_sde import sde as sde_lib
@@ -50,7 +51,11 @@ def get_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], method: str = "pc", **
   """
   if method not in METHODS:
     raise ValueError(f"Unknown sampling method {method!r}; valid choices: {sorted(METHODS)}.")
-  return METHODS[method](sde, tuple(shape), **kwargs)
+  builder = METHODS[method]
+  options = inspect.signature(builder).parameters
+  if not any(p.kind is p.VAR_KEYWORD for p in options.values()):  # pc and ode check their own.
+    ode.reject_unknown(builder, {k: v for k, v in kwargs.items() if k not in options}, f"the {method} sampler")
+  return builder(sde, tuple(shape), **kwargs)
 
 
 __all__ = ["CORRECTORS", "METHODS", "PREDICTORS", "get_sampler"]

@@ -1,31 +1,34 @@
-"""Euler's method on the probability-flow ODE in the VE view: DDIM (eta = 0).
+"""Euler's method on the probability-flow ODE in the VE view: DDIM (eta = 0), DPM-Solver-1, DPM-Solver++(1).
 
-With y = x / alpha_t and sigma~ = sigma_t / alpha_t (``noise_levels``) the ODE is
-dy / dsigma~ = eps^(y; sigma~), and one Euler step from sigma~_i to sigma~_{i+1} is
-
-    y_{i+1} = y_i + (sigma~_{i+1} - sigma~_i) eps^(y_i; sigma~_i)
-            = (sigma~_{i+1} / sigma~_i) y_i + (1 - sigma~_{i+1} / sigma~_i) D(y_i; sigma~_i),
-
-which is DDIM with eta = 0 (Song, Meng & Ermon 2021), DPM-Solver-1 and DPM-Solver++(1) (Lu et
-al. 2022) at once; in x it reads x_{i+1} = (alpha_{i+1} / alpha_i) x_i - sigma_{i+1} (e^h - 1)
-eps^ with h = lambda_{i+1} - lambda_i. First order: the error at eps is O(max step).
-One score evaluation per step, so ``nfe`` steps (``nfe`` - 1 with the final denoising step).
+y_{i+1} = y_i + (sigma~_{i+1} - sigma~_i) epsilon^(y_i; sigma~_i); first order, one evaluation per step.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
-import jax.numpy as jnp
+import jax.numpy as jnp  # noqa: F401  (shared/tools/refcheck swaps each solver module's jnp)
+import numpy as np
 
 from score_sde import sde as sde_lib
-from score_sde.sampling import fixed_budget, noise_levels, ode
+from score_sde.sampling import fixed_budget, noise_levels
 
 Array = jax.Array
 
 
+class Step(NamedTuple):
+  """Constants of step i: the point t_i, dsigma_tilde = sigma~_{i+1} - sigma~_i, and sigma~_{i+1}."""
+
+  index: Array
+  at: noise_levels.Levels
+  dsigma_tilde: Array
+  sigma_tilde_next: Array
+
+
 def get_euler_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 50, order: int = 1,
                       time_grid: str = "quadratic", rho: float = 7.0, eps: float = 1e-3,
-                      denoise: bool = False, **unknown) -> fixed_budget.Sampler:
+                      denoise: bool = False) -> fixed_budget.Sampler:
   """DDIM / Euler: ``sampler(key, score_fn, z=None, first_index=0) -> (samples, nfe)``.
 
   Args:
@@ -33,31 +36,27 @@ def get_euler_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 50
     shape: (B, ...) the shape of one batch.
     nfe: the exact number of score evaluations (default 50, a common DDIM budget).
     order: 1 (the only order of this method).
-    time_grid: one of ``noise_levels.TIME_GRIDS``; default ``quadratic``, DDIM's choice for
-      CIFAR-10 (uniform in sqrt(t)).
+    time_grid: one of ``noise_levels.TIME_GRIDS``; ``quadratic`` (uniform in sqrt(t)) is DDIM's for CIFAR-10.
     rho: exponent of the ``karras`` grid.
     eps: the last grid time.
     denoise: spend the last evaluation on Tweedie's denoiser at eps.
-    **unknown: rejected with a ``ValueError`` naming the valid options.
   """
-  ode.reject_unknown(get_euler_sampler, unknown, "the euler sampler")
   steps = fixed_budget.solver_steps("euler", nfe, denoise, order, (1,))
-  lv = noise_levels.levels(sde, noise_levels.time_grid(sde, time_grid, steps, eps, rho))
-  f32 = lambda a: jnp.asarray(a, jnp.float32)
-  coeffs = dict(index=jnp.arange(steps), t=f32(lv.t[:-1]), alpha=f32(lv.alpha[:-1]), sigma=f32(lv.sigma[:-1]),
-                dsigma=f32(lv.sigma_tilde[1:] - lv.sigma_tilde[:-1]), s_next=f32(lv.sigma_tilde[1:]))
+  lv = fixed_budget.grid(sde, time_grid, steps, eps, rho)
+  sigma_tilde = lv.sigma_tilde
+  constants = Step(np.arange(steps), lv.take(np.s_[:-1]), sigma_tilde[1:] - sigma_tilde[:-1], sigma_tilde[1:])
 
-  def solve(score_fn: sde_lib.ScoreFn, y: Array, noise_keys: Array,
-            project: fixed_budget.Project = fixed_budget.no_projection) -> Array:
+  def solve(score_fn: sde_lib.ScoreFn, y: Array, constants: Step, noise_keys: Array,
+            project: fixed_budget.Project) -> Array:
     del noise_keys  # Deterministic.
 
-    def step(y, c):
-      eps_hat = noise_levels.noise_prediction(score_fn, y, c["t"], c["alpha"], c["sigma"])
-      return project(y + c["dsigma"] * eps_hat, c["index"], c["s_next"]), None
+    def step(y, c: Step):
+      d = noise_levels.noise_prediction(score_fn, y, c.at)
+      return project(y + c.dsigma_tilde * d, c.index, c.sigma_tilde_next), None
 
-    return jax.lax.scan(step, y, coeffs)[0]
+    return jax.lax.scan(step, y, constants)[0]
 
-  return fixed_budget.build_sampler(sde, shape, solve, nfe=nfe, eps=eps, denoise=denoise)
+  return fixed_budget.build_sampler(sde, shape, solve, constants, nfe=nfe, eps=eps, denoise=denoise)
 
 
-__all__ = ["get_euler_sampler"]
+__all__ = ["Step", "get_euler_sampler"]

@@ -1,29 +1,17 @@
-"""The frame every fixed-budget sampler (``euler``, ``heun``, ``dpm_solver``, ``dpm_solver++``,
-``unipc``) shares: option checks, latents, the VE view, the final denoising step, one compiled program.
+"""The frame of the fixed-budget samplers (``euler``, ``heun``, ``dpm_solver``, ``dpm_solver++``, ``unipc``).
 
-A solver supplies ``solve(score_fn, y, noise_keys, project) -> y_eps``: it integrates the
-probability-flow ODE (or a reverse SDE) in the VE view y = x / alpha_t from the grid's first time T
-to its last, eps (``noise_levels``), making exactly the number of score evaluations it was built
-for, and calls ``project(y, j, sigma~)`` on its state after each step j (``Project``). The frame
-draws x_T, maps it to y_T = x_T / alpha_T, runs ``solve`` and maps back, x_eps = alpha_eps y; with
-``denoise`` it returns Tweedie's E[x_0 | x_eps] = D(y_eps; sigma~_eps) instead, one more
-evaluation. With a ``projection`` (``sampling.projection``) the frame applies its ``init`` to x_T,
-the projection after every solver step in the VE view (kernel (1, sigma~)), and a last one at
-(1, 0) to the returned samples; without one, ``project`` is the identity.
-
-Randomness. Sample i of a call with ``first_index`` f starts from the prior draw with key
-k_i = fold_in(key, f + i), the same latent as ``method="ode"`` draws, so deterministic solvers
-and the adaptive ODE solver can be compared sample by sample; a stochastic solver draws the noise
-of its step j from fold_in(fold_in(k_i, 1), j). So sample i never depends on the batch size.
+A solver integrates y = x / alpha_t from T to eps in the VE view (``noise_levels``) with per-step constants
+computed once in float64; the frame draws x_T, maps in and out, denoises, projects and compiles (docs/samplers.md).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from score_sde import sde as sde_lib
 from score_sde.sampling import noise_levels
@@ -31,13 +19,9 @@ from score_sde.sampling import projection as projection_lib
 
 Array = jax.Array
 Project = Callable[[Array, Array, Array], Array]
-"""``project(y (B, ...), step (int32 scalar), sigma_tilde (scalar)) -> y``: called by a solver on its
-state after each step, with the step's index j (0, 1, ...) and the noise level sigma~ of the state
-(the level of grid point j + 1)."""
-Solve = Callable[[sde_lib.ScoreFn, Array, Array, Project], Array]
-"""``solve(score_fn, y_T (B, ...), noise_keys (B,), project) -> y_eps (B, ...)``, in the VE view."""
-
-
+"""``project(y (B, ...), j (int scalar), sigma~_{j+1}) -> y``: the constraint after step j (identity without one)."""
+Solve = Callable[[sde_lib.ScoreFn, Array, Any, Array, Project], Array]
+"""``solve(score_fn, y_T (B, ...), constants, noise_keys (B,), project) -> y_eps (B, ...)``, in the VE view."""
 Sampler = Callable[..., tuple[Array, Array]]
 
 
@@ -56,11 +40,8 @@ def check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def solver_steps(method: str, nfe: int, denoise: bool, order: int, orders: tuple[int, ...]) -> int:
-  """The evaluations left for the solver after the final denoising step, with the checks.
-
-  Raises ``ValueError`` unless ``order`` is one of ``orders`` and ``nfe`` is an integer that pays
-  for at least ``order`` solver evaluations (plus one with ``denoise``).
-  """
+  """The evaluations left to the solver, ``nfe`` - ``denoise``; ``ValueError`` unless ``order`` is in
+  ``orders`` and that leaves at least ``order``."""
   if order not in orders:
     raise ValueError(f"order={order!r} is not available for method={method!r}; valid choices: {orders}.")
   if isinstance(nfe, bool) or int(nfe) != nfe:
@@ -73,37 +54,61 @@ def solver_steps(method: str, nfe: int, denoise: bool, order: int, orders: tuple
   return left
 
 
+def grid(sde: sde_lib.SDE, time_grid: str, steps: int, eps: float, rho: float) -> noise_levels.Levels:
+  """Float64 ``Levels`` at the ``steps`` + 1 times T = t_0 > ... > t_M = eps of ``time_grid``."""
+  return noise_levels.levels(sde, noise_levels.time_grid(sde, time_grid, steps, eps, rho))
+
+
+def multistep_orders(steps: int, order: int, lower_order_final: bool, below: int | None = None) -> np.ndarray:
+  """Order of each multistep step: min(order, i + 1) (warm-up), and with ``lower_order_final`` for runs
+  shorter than ``below`` steps (``None``: all) at most the steps left, steps - i."""
+  i = np.arange(steps)
+  q = np.minimum(order, i + 1)
+  if lower_order_final and (below is None or steps < below):
+    q = np.minimum(q, steps - i)
+  return q
+
+
+def stack(per_step: list) -> Any:
+  """One pytree of host arrays (steps, ...) from a list of pytrees of the same structure, one per step."""
+  return jax.tree.map(lambda *a: np.stack(a), *per_step)
+
+
+def on_device(constants: Any, dtype) -> Any:
+  """Host constants as arrays: floating ones in ``dtype``, integers as they are."""
+  cast = lambda a: jnp.asarray(a, dtype if np.issubdtype(np.asarray(a).dtype, np.floating) else None)
+  return jax.tree.map(cast, constants)
+
+
 def step_noise(noise_keys: Array, step: Array | int, event_shape: tuple[int, ...]) -> Array:
   """Standard normal noise of one step, (B, *event_shape): sample b's from fold_in(noise_keys[b], step)."""
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), event_shape))(noise_keys)
 
 
-def build_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], solve: Solve, *, nfe: int, eps: float,
-                  denoise: bool, stochastic: bool = False) -> Sampler:
-  """Wraps a solver into ``sampler(key, score_fn, z=None, first_index=0, projection=None) -> (samples, nfe)``.
+def build_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], solve: Solve, constants: Any, *, nfe: int,
+                  eps: float, denoise: bool, stochastic: bool = False) -> Sampler:
+  """``sampler(key, score_fn, z=None, first_index=0, projection=None) -> (samples, nfe)`` around ``solve``.
 
   Args:
     sde: the forward SDE.
     shape: (B, ...) the shape of one batch.
     solve: the solver in the VE view, from T to ``eps`` (see ``Solve``).
-    nfe: the total number of score evaluations made (the solver's plus one with ``denoise``).
+    constants: its per-step constants, float64 host arrays; held in float32, or float64 for a float64 state.
+    nfe: the total number of score evaluations (the solver's plus one with ``denoise``).
     eps: the last grid time.
-    denoise: return E[x_0 | x_eps] (one more evaluation) instead of x_eps.
+    denoise: return Tweedie's E[x_0 | x_eps] (one more evaluation) instead of x_eps.
     stochastic: the solver draws noise, so a key is needed even with given latents.
 
   Returns:
-    ``sampler(key, score_fn, z=None, first_index=0, projection=None)``. Without ``z`` sample i
-    starts from a prior draw with key fold_in(key, first_index + i); with ``z`` (B, ...) it
-    integrates from those latents at T (a stochastic solver still takes its noise from ``key``; a
-    deterministic one accepts ``key=None``). ``projection``: an optional
-    ``sampling.projection.Projection`` (it needs ``key``). Returns the samples and ``nfe`` (int32),
-    exactly the budget asked for.
+    The sampler. Sample i starts from the prior draw of fold_in(key, first_index + i), or from ``z`` (B, ...)
+    (then a deterministic solver accepts ``key=None``); ``projection``: a ``sampling.projection.Projection``.
   """
   shape = check_shape(shape)
   event_shape = shape[1:]
   ends = noise_levels.levels(sde, [sde.T, eps])
   alpha_T, alpha_eps = (float(a) for a in ends.alpha)
-  sigma_T, sigma_eps = (float(s) for s in ends.sigma)
+  sigma_T = float(ends.sigma[0])
+  at_eps = ends.point(1)
 
   @eqx.filter_jit
   def run(score_fn, z, key, first_index, projection):
@@ -116,10 +121,12 @@ def build_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], solve: Solve, *, nfe
       project_keys = projection_lib.stream(sample_keys)
       z = projection.init(projection_lib.call_keys(project_keys, 0), z, alpha_T, sigma_T)
       # Step j's projection is call j + 1, in the VE view (kernel (1, sigma~)).
-      project = lambda y, j, s: projection(projection_lib.call_keys(project_keys, j + 1), y, 1.0, s)
+      project = lambda y, j, sigma_tilde: projection(projection_lib.call_keys(project_keys, j + 1), y, 1.0,
+                                                      sigma_tilde)
     # Into the VE view, the solver from T to eps, and back (or Tweedie's denoiser at eps).
-    y = solve(score_fn, z / alpha_T, noise_keys, project)
-    x = noise_levels.denoiser(score_fn, y, eps, alpha_eps, sigma_eps) if denoise else alpha_eps * y
+    y = z / alpha_T
+    y = solve(score_fn, y, on_device(constants, jnp.promote_types(y.dtype, jnp.float32)), noise_keys, project)
+    x = noise_levels.denoiser(score_fn, y, at_eps) if denoise else alpha_eps * y
     if projection is not None:  # The constraint exactly on the returned samples.
       x = projection(projection_lib.call_keys(project_keys, projection_lib.FINAL_CALL), x, 1.0, 0.0)
     return x, jnp.int32(nfe)
@@ -142,4 +149,5 @@ def build_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], solve: Solve, *, nfe
   return sampler
 
 
-__all__ = ["Project", "Solve", "build_sampler", "check_shape", "no_projection", "solver_steps", "step_noise"]
+__all__ = ["Project", "Solve", "build_sampler", "check_shape", "grid", "multistep_orders", "no_projection",
+           "on_device", "solver_steps", "stack", "step_noise"]

@@ -1,39 +1,14 @@
-"""The noise-level core shared by the fixed-budget samplers: the VE view, log-SNR time, time grids.
+"""The VE view shared by the fixed-budget samplers: noise levels, log-SNR time, time grids, Tweedie.
 
-Every SDE of ``score_sde.sde`` has the kernel x_t = alpha_t x_0 + sigma_t eps. Dividing by alpha_t
-gives the *VE view* (Karras et al. 2022; Lu et al. 2022)
-
-    y = x / alpha_t,    y = x_0 + sigma~_t eps,    sigma~_t = sigma_t / alpha_t = exp(-lambda_t),
-
-with lambda_t = log(alpha_t / sigma_t) the half log-SNR. In this view the probability-flow ODE of
-VP, subVP and VE alike is
-
-    dy / dsigma~ = (y - D(y; sigma~)) / sigma~ = eps^(y; sigma~),
-
-with the denoiser D = E[x_0 | x_t] = (x + sigma_t^2 s(x, t)) / alpha_t (Tweedie) and the noise
-prediction eps^ = -sigma_t s(x, t). So every solver here is written once, on (y, lambda), and
-serves every SDE; the SDE enters only through ``alpha_sigma`` and the inverse lambda -> t, which
-``t_of_lambda`` computes by bisection on ``alpha_sigma`` (lambda_t is strictly decreasing in t for
-every SDE here), so no SDE needs a method of its own.
-
-Grids (``time_grid``), t_0 = T > t_1 > ... > t_M = eps:
-* ``uniform``: uniform in t;
-* ``quadratic``: uniform in sqrt(t) (the DPM-Solver "time_quadratic" grid; DDIM's quadratic
-  skipping for CIFAR-10), denser near eps;
-* ``logsnr``: uniform in lambda (DPM-Solver's "logSNR" grid, k-diffusion's "exponential");
-* ``karras``: sigma~_i = (sigma~_max^(1/rho) + i / M (sigma~_min^(1/rho) - sigma~_max^(1/rho)))^rho
-  (EDM, rho = 7 by default), between sigma~(T) and sigma~(eps).
-
-Grids and every per-step coefficient are computed once, when a sampler is built, in float64
-(``jax.enable_x64`` on the host) from the SDE's own ``alpha_sigma``; the compiled program holds
-them as constants.
+y = x / alpha_t = x_0 + sigma~_t epsilon with sigma~_t = sigma_t / alpha_t = exp(-lambda_t); the PF-ODE of every
+SDE is then dy / dsigma~ = (y - D(y; sigma~)) / sigma~. Derivation and grids: docs/samplers.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +20,7 @@ Array = jax.Array
 
 TIME_GRIDS = ("uniform", "quadratic", "logsnr", "karras")
 
-# Bisection steps of ``t_of_lambda``: halves [0, T] down to 2^-60 T, below float64 resolution.
-_BISECTION_STEPS = 60
+_BISECTION_STEPS = 60  # Halves [0, T] down to 2^-60 T, below float64 resolution.
 
 
 def log_snr(sde: sde_lib.SDE, t: Array) -> Array:
@@ -56,18 +30,9 @@ def log_snr(sde: sde_lib.SDE, t: Array) -> Array:
 
 
 def t_of_lambda(sde: sde_lib.SDE, lam: Array, t_min: float = 0.0, t_max: float | None = None) -> Array:
-  """The inverse of ``log_snr``: the t in [t_min, t_max] with lambda_t = lam, by bisection.
+  """The t in [t_min, t_max] (default [0, T]) with lambda_t = ``lam``, any shape, by bisection (host or traced).
 
-  Works on host values and inside traced code alike (a fixed number of vectorised halvings); a
   ``lam`` outside the range of lambda on [t_min, t_max] gives the nearer end.
-
-  Args:
-    sde: any SDE whose lambda_t decreases strictly in t.
-    lam: target log-SNRs, any shape.
-    t_min, t_max: the search interval (default [0, T]).
-
-  Returns:
-    Times shaped like ``lam``, in its dtype.
   """
   lam = jnp.asarray(lam)
   dtype = lam.dtype if jnp.issubdtype(lam.dtype, jnp.floating) else jnp.float32
@@ -85,14 +50,10 @@ def t_of_lambda(sde: sde_lib.SDE, lam: Array, t_min: float = 0.0, t_max: float |
   return 0.5 * (lo + hi)
 
 
-@dataclasses.dataclass(frozen=True)
-class Levels:
-  """Noise levels at given times, float64 host arrays of one shape.
+class Levels(NamedTuple):
+  """Times ``t`` with the SDE's ``alpha``, ``sigma`` and ``lam`` = log(alpha / sigma) there, arrays of one shape.
 
-  Attributes:
-    t: the times.
-    alpha, sigma: the SDE's marginal coefficients at ``t``.
-    lam: lambda_t = log(alpha_t / sigma_t).
+  Float64 host arrays when built by ``levels``; a pytree, so the solvers carry them to the device.
   """
 
   t: np.ndarray
@@ -105,10 +66,16 @@ class Levels:
     """sigma~_t = sigma_t / alpha_t = exp(-lambda_t), the noise level of the VE view."""
     return self.sigma / self.alpha
 
+  def take(self, index) -> "Levels":
+    """The levels at ``index`` (a numpy index) of every array."""
+    return Levels(*(a[index] for a in self))
 
-# Host computations pad their times to a multiple of this, so one compiled program per SDE serves
-# every grid size.
-_HOST_CHUNK = 256
+  def point(self, i: int) -> "Levels":
+    """The levels at index ``i`` as Python floats (weakly typed constants in a traced program)."""
+    return Levels(*(float(a[i]) for a in self))
+
+
+_HOST_CHUNK = 256  # Host computations pad to a multiple of this: one compiled program per SDE.
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -155,14 +122,9 @@ def check_time_grid(name: str) -> None:
 
 
 def time_grid(sde: sde_lib.SDE, name: str, num_steps: int, eps: float, rho: float = 7.0) -> np.ndarray:
-  """The M + 1 = ``num_steps`` + 1 grid times t_0 = T > ... > t_M = eps, float64.
+  """The ``num_steps`` + 1 float64 times T = t_0 > ... > t_M = eps of grid ``name`` (``TIME_GRIDS``).
 
-  Args:
-    sde: the forward SDE.
-    name: one of ``TIME_GRIDS``.
-    num_steps: M >= 1.
-    eps: the last time, 0 < eps < T.
-    rho: the exponent of the ``karras`` grid.
+  ``rho`` is the exponent of the ``karras`` grid, sigma~_i^(1/rho) uniform in i.
   """
   check_time_grid(name)
   if int(num_steps) != num_steps or num_steps < 1:
@@ -182,8 +144,8 @@ def time_grid(sde: sde_lib.SDE, name: str, num_steps: int, eps: float, rho: floa
     if name == "logsnr":
       lam = ends.lam[0] + u * (ends.lam[1] - ends.lam[0])
     else:  # karras
-      s_max, s_min = ends.sigma_tilde
-      lam = -rho * np.log(s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho)))
+      st_max, st_min = ends.sigma_tilde  # sigma~(T), sigma~(eps)
+      lam = -rho * np.log(st_max ** (1 / rho) + u * (st_min ** (1 / rho) - st_max ** (1 / rho)))
     t = times_of_lambda(sde, lam, eps, T)
   t[0], t[-1] = T, eps  # Exact ends, whatever the bisection's last digit.
   if not np.all(np.diff(t) < 0):
@@ -193,37 +155,30 @@ def time_grid(sde: sde_lib.SDE, name: str, num_steps: int, eps: float, rho: floa
 
 
 def phi(k: int, z: np.ndarray) -> np.ndarray:
-  """phi_k(z) = int_0^1 exp((1 - u) z) u^(k-1) / (k-1)! du, the exponential-integrator weights.
-
-  phi_0 = e^z, phi_{k+1}(z) = (phi_k(z) - 1 / k!) / z; near z = 0 (where that recursion cancels)
-  the Taylor series sum_j z^j / (j + k)! is used. float64, elementwise.
-  """
+  """phi_k(z) = int_0^1 e^((1 - u) z) u^(k-1) / (k-1)! du, float64 (phi_0 = e^z, phi_{k+1} = (phi_k - 1/k!) / z)."""
   z = np.asarray(z, np.float64)
   series = sum(z**j / math.factorial(j + k) for j in range(20))
   value = np.exp(z)
   for j in range(k):
     value = (value - 1.0 / math.factorial(j)) / np.where(z == 0, 1.0, z)
-  return np.where(np.abs(z) < 0.1, series, value)
+  return np.where(np.abs(z) < 0.1, series, value)  # The recursion cancels near 0: the series there.
 
 
-def denoiser(score_fn: sde_lib.ScoreFn, y: Array, t: Array, alpha: Array, sigma: Array) -> Array:
-  """D(y; sigma~) = E[x_0 | x_t] from a score function, in the VE view.
+def denoiser(score_fn: sde_lib.ScoreFn, y: Array, at: Levels) -> Array:
+  """Tweedie's D(y; sigma~) = E[x_0 | x_t] = (x + sigma_t^2 s(x, t)) / alpha_t at x = alpha_t y, (B, ...).
 
   Args:
     score_fn: ``score_fn(x (B, ...), t (B,))``.
-    y: (B, ...) the VE-view state x / alpha_t.
-    t, alpha, sigma: scalars, the time and its marginal coefficients.
-
-  Returns:
-    (B, ...): (x + sigma^2 s(x, t)) / alpha = y + (sigma^2 / alpha) s(alpha y, t).
+    y: (B, ...) the VE-view state.
+    at: the point: scalar ``t``, ``alpha``, ``sigma`` (``lam`` unused).
   """
-  score = score_fn(alpha * y, jnp.full(y.shape[:1], t, y.dtype))
-  return y + (sigma**2 / alpha) * score
+  score = score_fn(at.alpha * y, jnp.full(y.shape[:1], at.t, y.dtype))
+  return y + (at.sigma**2 / at.alpha) * score
 
 
-def noise_prediction(score_fn: sde_lib.ScoreFn, y: Array, t: Array, alpha: Array, sigma: Array) -> Array:
-  """eps^(y; sigma~) = (y - D) / sigma~ = -sigma_t s(alpha y, t), (B, ...) (arguments as ``denoiser``)."""
-  return -sigma * score_fn(alpha * y, jnp.full(y.shape[:1], t, y.dtype))
+def noise_prediction(score_fn: sde_lib.ScoreFn, y: Array, at: Levels) -> Array:
+  """epsilon^(y; sigma~) = (y - D) / sigma~ = -sigma_t s(alpha_t y, t), (B, ...) (arguments as ``denoiser``)."""
+  return -at.sigma * score_fn(at.alpha * y, jnp.full(y.shape[:1], at.t, y.dtype))
 
 
 __all__ = ["TIME_GRIDS", "Levels", "check_time_grid", "denoiser", "levels", "log_snr", "noise_prediction",
