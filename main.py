@@ -143,17 +143,33 @@ def summary(config) -> int:
   """Prints ``parameters: N`` and the resolved config; returns N (shapes only, nothing compiles)."""
   network = builders.build_network(config)
   count = wrapper.count_params(builders.abstract_params(network, builders.example_shape(config)))
-  name = config.classifier.name if config.training.objective == "classifier" else config.model.name
+  name = {"classifier": config.classifier.name, "dequantizer": "variational dequantizer"}.get(
+      config.training.objective, config.model.name)
   _say(f"model: {name}\nparameters: {count}\n\nconfig:\n{config}")
   return count
 
 
 def _report_likelihood(result) -> None:
-  exact = "" if result["exact_mean"] is None else f" (the data's exact density: {result['exact_mean']:.4f} nats)"
-  kept = " (kept from an earlier run with these settings)" if result.get("kept") else ""
+  """The likelihood table: one row per estimator and dequantiser, with the settings that change the number."""
+  e = result["settings"]["eval"]
+  ode = f"divergence {e['divergence']}, rtol {e['rtol']:g}, atol {e['atol']:g}"
+  bound = f"{e['bound_time_samples']} time sample(s), {e['bound_decoder']} decoder"
+  settings = [f"eps {e['eps']:g}"] + [{"ode": ode, "bound": bound}[est] for est in e["likelihood_estimators"]]
+  if result["unit"] == "bits/dim":
+    settings.append(f"{e['importance_samples']} dequantiser sample(s) per image")
   source = f" ({result['source']})" if result.get("source") else ""
-  _say(f"likelihood of {len(result['values'])} {result['split']} examples{source}: {result['mean']:.4f} +- "
-       f"{result['sem']:.4f} {result['unit']}{exact}{kept}\n  per-example values: {result['npz']}")
+  kept = " (kept from an earlier run with these settings)" if result.get("kept") else ""
+  value = "bits/dim" if result["unit"] == "bits/dim" else "log p (nats)"
+  lines = [f"likelihood of {len(result['values'])} {result['split']} examples{source} at step {result['step']}"
+           f"{kept}; {'; '.join(settings)}",
+           f"  {'estimator':<10}{'dequantizer':<18}{value:>13}{'s.e.':>10}{'NFE/example':>13}{'examples/s':>12}"]
+  for row in result["rows"]:
+    lines.append(f"  {row['estimator']:<10}{row['dequantizer'] or '-':<18}{row['mean']:>13.4f}{row['sem']:>10.4f}"
+                 f"{row['nfe']:>13.1f}{row['examples_per_second']:>12.1f}")
+  if result["exact_mean"] is not None:
+    lines.append(f"  the data's exact density: {result['exact_mean']:.4f} nats")
+  lines.append(f"  per-example values: {result['npz']}")
+  _say("\n".join(lines))
 
 
 def _report_samples(result) -> None:

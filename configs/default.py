@@ -31,7 +31,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.final_evaluation = False         # after training: samples, plots, held-out likelihood
   training.eps = 1e-5                       # smallest time of the continuous losses
   # Class-conditional generation (score_sde.guidance).
-  training.objective = "score"              # score | classifier (the noise-conditional config.classifier)
+  training.objective = "score"              # score | classifier (config.classifier) | dequantizer (config.dequantizer)
   training.label_dropout = 0.0              # P(label -> null class), model.num_classes > 0 (classifier-free guidance)
 
   # Sampling (score_sde.sampling.get_sampler; builders.SAMPLER_FIELDS maps these fields to each method's
@@ -58,7 +58,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.order = 0                        # 0: the method's default
   sampling.time_grid = ""                   # uniform | quadratic | logsnr | karras ("": the method's default)
   sampling.rho = 7.0                        # exponent of the karras grid
-  sampling.solver_type = ""                 # dpm_solver++: midpoint | taylor ("": the method's default)
+  sampling.solver_type = ""                 # dpm_solver, dpm_solver++: midpoint | taylor ("": the method's default)
   sampling.eta = 0.0                        # dpm_solver++: 0 the ODE, 1 the SDE variant
   sampling.lower_order_final = True         # dpm_solver++, unipc: lower orders at the last steps
   sampling.variant = ""                     # unipc: bh1 | bh2 ("": the method's default)
@@ -85,6 +85,13 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.atol = 1e-5
   evaluate.eps = 1e-5
   evaluate.likelihood_examples = 0          # examples of the likelihood pass (0: the whole split)
+  # Likelihood estimates (docs/likelihood.md): each estimator with each dequantiser (8-bit data).
+  evaluate.likelihood_estimators = ("ode",)  # ode: PF-ODE log p_eps | bound: the reverse SDE's variational bound
+  evaluate.dequantizers = ("uniform",)      # uniform | truncated_normal | variational (eval.dequantizer_workdir)
+  evaluate.importance_samples = 1           # K dequantiser samples per image (importance-weighted bound)
+  evaluate.bound_time_samples = 1           # time samples per example of the variational bound
+  evaluate.bound_decoder = "noisy"          # noisy (bounds p_eps) | tweedie (ScoreFlow's, bounds clean data)
+  evaluate.dequantizer_workdir = ""         # the run of a training.objective="dequantizer" config
   evaluate.inception_path = ""              # FID Inception weights .npz (see score_sde/models/inception.py)
   # --mode eval over checkpoints n = begin_ckpt..end_ckpt (step n * training.snapshot_freq).
   evaluate.begin_ckpt = 1
@@ -165,6 +172,14 @@ def get_default_configs() -> ml_collections.ConfigDict:
   classifier.input_mean = ()                # per-channel input normalisation; () for none
   classifier.input_std = ()                 # (the original used models.classifier.CIFAR10_MEAN / _STD)
   classifier.hidden_dims = (128, 128)       # mlp (classifier of vectors): widths of its residual blocks
+
+  # Variational dequantiser q(u | x) (training.objective = "dequantizer"; models.dequantizer), trained on the
+  # variational bound of the frozen score model of score_workdir.
+  config.dequantizer = dequantizer = ml_collections.ConfigDict()
+  dequantizer.score_workdir = ""            # the score model's run (its config.json and newest checkpoint)
+  dequantizer.features = 32                 # conditioner width
+  dequantizer.num_steps = 2                 # flow steps (elementwise affine + affine coupling each)
+  dequantizer.time_samples = 1              # time samples of the bound per example in the training loss
 
   # Optimisation.
   config.optim = optim = ml_collections.ConfigDict()

@@ -30,8 +30,10 @@ import numpy as np
 import optax
 from etils import epath
 
+from score_sde import bound as bound_lib
 from score_sde import checkpoints
 from score_sde import datasets
+from score_sde import dequantization
 from score_sde import guidance
 from score_sde import likelihood as likelihood_lib
 from score_sde import losses
@@ -41,12 +43,14 @@ from score_sde import sample_quality
 from score_sde import sampling
 from score_sde import sde as sde_lib
 from score_sde.models import classifier as classifier_lib
+from score_sde.models import dequantizer as dequantizer_lib
 from score_sde.models import wrapper
 
 Array = jax.Array
 
-# What a run trains (``config.training.objective``).
-OBJECTIVES = ("score", "classifier")
+# What a run trains (``config.training.objective``): a score network, a noise-conditional classifier, or a
+# variational dequantiser of a frozen score model.
+OBJECTIVES = ("score", "classifier", "dequantizer")
 _FREQS = ("log_freq", "eval_freq", "snapshot_freq", "snapshot_freq_for_preemption")
 
 # Sampler options by ``config.sampling.method``: {keyword of the sampler: field of config.sampling}.
@@ -139,10 +143,13 @@ def build_sde(config: ml_collections.ConfigDict) -> sde_lib.SDE:
 
 
 def build_network(config: ml_collections.ConfigDict):
-  """The network ``training.objective`` trains: the score network ``config.model`` or the classifier
-  ``config.classifier``."""
+  """The network ``training.objective`` trains: the score network ``config.model``, the classifier
+  ``config.classifier`` or the dequantiser ``config.dequantizer``."""
   objective = config.training.objective
   _choice("training.objective", objective, OBJECTIVES)
+  if objective == "dequantizer":
+    return dequantizer_lib.VariationalDequantizer(features=config.dequantizer.features,
+                                                  num_steps=config.dequantizer.num_steps)
   if objective == "classifier":
     with _fields(config, {"name": "classifier.name"}):
       return classifier_lib.get_classifier(config)
@@ -151,20 +158,33 @@ def build_network(config: ml_collections.ConfigDict):
     return models.get_model(config)
 
 
+def init_params(key: Array, network, example: tuple[int, ...]) -> Any:
+  """The network's initial parameters for examples of shape ``example``."""
+  shape = (1,) + tuple(example)
+  if isinstance(network, dequantizer_lib.VariationalDequantizer):  # q(u | x) of 8-bit x
+    return network.init(key, jnp.zeros(shape), jnp.zeros(shape, jnp.int32))["params"]
+  return wrapper.init_model(key, network, shape)["params"]
+
+
 @functools.lru_cache(maxsize=16)
 def abstract_params(network, example: tuple[int, ...]) -> Any:
   """The network's parameters as ``jax.ShapeDtypeStruct`` leaves (traced once per network and shape)."""
-  shape = (1,) + tuple(example)
-  return jax.eval_shape(lambda: wrapper.init_model(jax.random.key(0), network, shape))["params"]
+  return jax.eval_shape(lambda: init_params(jax.random.key(0), network, example))
 
 
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with warm-up and clipping from ``config.optim`` (``losses.get_optimizer``)."""
+  """Adam with warm-up and clipping from ``config.optim`` (``losses.get_optimizer``); a dequantiser run
+  updates its flow only (the score model in ``params["score"]`` stays frozen)."""
   o = config.optim
   with _fields(config, {k: f"optim.{k}" for k in ("optimizer", "lr", "warmup", "grad_clip", "weight_decay",
                                                   "eps", "beta1", "beta2")}):
-    return losses.get_optimizer(lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
+    adam = losses.get_optimizer(lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
                                 warmup=o.warmup, grad_clip=o.grad_clip, optimizer=o.optimizer)
+  if config.training.objective != "dequantizer":
+    return adam
+  labels = lambda params: {"flow": jax.tree.map(lambda _: "train", params["flow"]),
+                           "score": jax.tree.map(lambda _: "frozen", params["score"])}
+  return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
 
 
 # --- Losses and train / eval steps ----------------------------------------------------------------
@@ -183,6 +203,8 @@ def build_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, network, 
   t = config.training
   if t.objective == "classifier":
     return losses.get_classifier_loss_fn(sde, wrapper.get_logit_fn_builder(sde, network), train=train, eps=t.eps)
+  if t.objective == "dequantizer":
+    return _dequantizer_loss_fn(config, network)
   fields = {"continuous": "training.continuous", "likelihood_weighting": "training.likelihood_weighting",
             "importance_weighting": "training.importance_weighting", "label_dropout": "training.label_dropout",
             "eps": "training.eps", "embedding_type": "model.embedding_type",
@@ -200,8 +222,76 @@ def build_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, network, 
                                                 label_dropout=t.label_dropout)
 
 
+SCORE_CONFIG = "score_config.json"  # a dequantiser run's copy of its score model's config
+
+
+def score_run_config(config: ml_collections.ConfigDict, workdir: str | epath.PathLike | None = None
+                     ) -> ml_collections.ConfigDict:
+  """The config of the score model a dequantiser ``config`` belongs to: the copy in its run's ``workdir``
+  (``SCORE_CONFIG``), else ``dequantizer.score_workdir/config.json``, checked against ``config.data``."""
+  copy = epath.Path(workdir) / SCORE_CONFIG if workdir else None
+  if copy is not None and copy.exists():
+    return ml_collections.ConfigDict(json.loads(copy.read_text()))
+  score_workdir = config.dequantizer.score_workdir
+  field = f"config.dequantizer.score_workdir={score_workdir!r}"
+  if not score_workdir:
+    raise ValueError("config.dequantizer.score_workdir is empty: a dequantiser is trained on a frozen score model; "
+                     "set --config.dequantizer.score_workdir to the workdir of a trained score model's run.")
+  path = epath.Path(score_workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{field} holds no config.json of a training run; train the score model there first, "
+                            f"or point the field at its workdir.")
+  score_config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  if score_config.training.objective != "score":
+    raise ValueError(f"{field} holds a {score_config.training.objective!r} run, not a score model.")
+  fields = ("dataset", "image_size", "num_channels", "centered")
+  if any(str(score_config.data[f]).lower() != str(config.data[f]).lower() for f in fields):
+    raise ValueError(f"The score model of {field} was trained on data {[score_config.data[f] for f in fields]} "
+                     f"({', '.join(fields)}), the dequantiser config has {[config.data[f] for f in fields]}; "
+                     f"give the dequantiser the score model's data settings.")
+  if not checkpoints.list_steps(score_workdir):
+    raise FileNotFoundError(f"{field} holds no checkpoint; train the score model there first.")
+  return score_config
+
+
+def _frozen_score_params(config: ml_collections.ConfigDict) -> Callable[[], Any]:
+  """``() -> the EMA parameters of the newest checkpoint of dequantizer.score_workdir``, read once."""
+  cache = []
+
+  def params() -> Any:
+    if not cache:  # first called when the train state is traced: read the checkpoint eagerly all the same
+      score_config = score_run_config(config)
+      with jax.ensure_compile_time_eval():
+        restored = restore(score_config, config.dequantizer.score_workdir)
+      cache.append(jax.device_get(restored.fn.variables["params"]))
+    return cache[0]
+
+  return params
+
+
+def _dequantizer_loss_fn(config: ml_collections.ConfigDict, network) -> Callable:
+  """``loss_fn(key, {"flow", "score"}, 8-bit images)``: the flow's bound on -log P(x) (nats per dimension)
+  through the variational bound of the frozen score model (``dequantization.get_loss_fn``)."""
+  scaler = datasets.get_data_scaler(config.data.centered)
+  e = config.eval
+
+  def loss_fn(key: Array, params: Any, images: Array):
+    score_config = score_run_config(config)  # read when traced: validating a config reads no run
+    score_sde, score_network = build_sde(score_config), build_network(score_config)
+    build_score_fn = wrapper.get_score_fn_builder(score_sde, score_network,
+                                                  continuous=score_config.training.continuous)
+    score_fn = build_score_fn(jax.lax.stop_gradient(params["score"]), None, False)
+    nll_fn = dequantization.bound_nll_fn(score_sde, score_fn, eps=e.eps, decoder=e.bound_decoder,
+                                         num_time_samples=config.dequantizer.time_samples)
+    return dequantization.get_loss_fn(network, nll_fn, scaler)(key, {"params": params["flow"]}, images)
+
+  return loss_fn
+
+
 def _inputs(config: ml_collections.ConfigDict, network) -> Callable[[dict[str, Array]], Any]:
   """Pipeline batches {"image": [0, 1] data, "label"} -> the loss's inputs (the data scaler on device)."""
+  if config.training.objective == "dequantizer":  # the 8-bit images themselves
+    return lambda batch: jnp.round(batch["image"] * 255.0).astype(jnp.int32)
   scaler = datasets.get_data_scaler(config.data.centered)
   if _labelled(config, network):
     return lambda batch: {"image": scaler(batch["image"]), "label": batch["label"]}
@@ -228,8 +318,13 @@ def build_step_fns(config: ml_collections.ConfigDict, sde: sde_lib.SDE, network,
                                  n_jitted_steps=t.n_jitted_steps)
   inputs = _inputs(config, network)
 
+  frozen = _frozen_score_params(config) if t.objective == "dequantizer" else None
+
   def init_state(key: Array) -> losses.TrainState:
-    return losses.init_train_state(wrapper.init_model(key, network, (1,) + example)["params"], optimizer)
+    params = init_params(key, network, example)
+    if frozen is not None:
+      params = {"flow": params, "score": frozen()}
+    return losses.init_train_state(params, optimizer)
 
   def train_fn(key: Array, state: losses.TrainState, batch: dict[str, Array]):
     return train_step(key, state, inputs(batch))
@@ -267,9 +362,12 @@ def check_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | 
     if int(t[field]) != t[field] or t[field] < 0:
       raise ValueError(f"config.training.{field}={t[field]!r} must be a non-negative integer; set "
                        f"--config.training.{field}.")
-  if t.objective == "classifier" and t.snapshot_sampling:
-    raise ValueError("config.training.snapshot_sampling=True, but a classifier run has no samples to snapshot; "
-                     "set --config.training.snapshot_sampling=False.")
+  if t.objective != "score" and t.snapshot_sampling:
+    raise ValueError(f"config.training.snapshot_sampling=True, but a {t.objective} run has no samples to snapshot; "
+                     f"set --config.training.snapshot_sampling=False.")
+  if t.objective == "dequantizer" and config.data.dataset.lower() not in datasets.IMAGE_DATASETS:
+    raise ValueError(f"config.training.objective='dequantizer' dequantises 8-bit images, and "
+                     f"{config.data.dataset!r} is not an image set; set --config.data.dataset to one.")
   if mesh is not None:
     parallel.check_batch_size(t.batch_size, mesh, "config.training.batch_size")
     if t.snapshot_sampling:
@@ -335,9 +433,19 @@ def sampler_tag(config: ml_collections.ConfigDict) -> str:
 
 
 def likelihood_tag(config: ml_collections.ConfigDict) -> str:
-  """A short, file-name-safe name of the likelihood settings ``config.eval``, e.g. ``rademacher-tol1e-05-eps1e-05``."""
+  """A short, file-name-safe name of the likelihood settings ``config.eval``, e.g. ``rademacher-tol1e-05-eps1e-05``
+  or ``rademacher-tol1e-05-eps1e-05-ode+bound-uniform+variational-K4``."""
   e = config.eval
-  return f"{e.divergence}-tol{max(e.rtol, e.atol):g}-eps{e.eps:g}"
+  parts = [e.divergence, f"tol{max(e.rtol, e.atol):g}", f"eps{e.eps:g}"]
+  if tuple(e.likelihood_estimators) != ("ode",):
+    parts.append("+".join(e.likelihood_estimators))
+    if "bound" in e.likelihood_estimators:
+      parts.append(f"T{e.bound_time_samples}{'tweedie' if e.bound_decoder == 'tweedie' else ''}")
+  if is_image_set(config) and tuple(e.dequantizers) != ("uniform",):
+    parts.append("+".join(e.dequantizers))
+  if e.importance_samples != 1:
+    parts.append(f"K{e.importance_samples}")
+  return "-".join(parts)
 
 
 def parse_sampler_settings(config: ml_collections.ConfigDict, entry: str) -> ml_collections.ConfigDict:
@@ -389,25 +497,95 @@ def eval_sampler_configs(config: ml_collections.ConfigDict) -> dict[str, ml_coll
   return out
 
 
-def build_likelihood_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, eight_bit: bool) -> Callable:
-  """``fn(key, score_fn, data) -> (B,)``: bits/dim of [0, 1] 8-bit images, else log p in nats of the data.
+ESTIMATORS = ("ode", "bound")
+DEQUANTIZERS = ("uniform", "truncated_normal", "variational")
 
-  Settings are ``eval.{divergence, rtol, atol, eps}``; the data scaler maps data to model space.
+
+def likelihood_rows(config: ml_collections.ConfigDict) -> list[tuple[str, str | None]]:
+  """The (estimator, dequantiser) pairs ``eval`` asks for; 2-D data has no dequantiser (None)."""
+  e = config.eval
+  for estimator in e.likelihood_estimators:
+    _choice("eval.likelihood_estimators", estimator, ESTIMATORS)
+  if not is_image_set(config):
+    return [(estimator, None) for estimator in e.likelihood_estimators]
+  for name in e.dequantizers:
+    _choice("eval.dequantizers", name, DEQUANTIZERS)
+  if not (e.likelihood_estimators and e.dequantizers):
+    raise ValueError("config.eval.likelihood_estimators and config.eval.dequantizers need at least one entry each, "
+                     "e.g. --config.eval.likelihood_estimators=\"('ode',)\" --config.eval.dequantizers=\"('uniform',)\".")
+  return [(estimator, name) for estimator in e.likelihood_estimators for name in e.dequantizers]
+
+
+def build_dequantizer(config: ml_collections.ConfigDict, sde: sde_lib.SDE, name: str, *,
+                      devices: list[jax.Device] | None = None) -> Any:
+  """The dequantiser ``name`` as a pytree ``fn(key, x) -> (u, log q)``: ``uniform``; ``truncated_normal`` with
+  i-DODE's std (the model's noise level at ``eval.eps`` in quantisation bins); or ``variational``, the trained
+  flow of ``eval.dequantizer_workdir``."""
+  _choice("eval.dequantizers", name, DEQUANTIZERS)
+  if name == "uniform":
+    return jax.tree_util.Partial(dequantization.uniform)
+  if name == "truncated_normal":
+    bin_width = (2.0 if config.data.centered else 1.0) / 256.0
+    return jax.tree_util.Partial(dequantization.truncated_normal(dequantization.matched_std(sde, config.eval.eps,
+                                                                                          bin_width)))
+  workdir = epath.Path(config.eval.dequantizer_workdir or ".")
+  field = f"config.eval.dequantizer_workdir={config.eval.dequantizer_workdir!r}"
+  if not config.eval.dequantizer_workdir or not (workdir / "config.json").exists():
+    raise FileNotFoundError(f"{field} holds no dequantiser run; train one (training.objective='dequantizer', e.g. "
+                            f"configs/dequantizer/digits_flow.py) and set the field to its workdir.")
+  deq_config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  if deq_config.training.objective != "dequantizer":
+    raise ValueError(f"{field} holds a {deq_config.training.objective!r} run, not a dequantiser.")
+  if example_shape(deq_config) != example_shape(config):
+    raise ValueError(f"The dequantiser of {field} was trained on examples of shape {example_shape(deq_config)}, "
+                     f"these are {example_shape(config)}.")
+  return restore(deq_config, workdir, devices=devices).fn
+
+
+def build_likelihood_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, eight_bit: bool,
+                        estimator: str = "ode") -> Callable:
+  """``fn(key, score_fn, data, dequantizer) -> (values (B,), nfe ())`` of ``estimator``.
+
+  8-bit images in [0, 1]: bits/dim of the bound on -log P(x) through ``dequantizer`` with
+  ``eval.importance_samples`` samples; 2-D data: log p in nats (the bound's -B for ``bound``), the
+  dequantizer unused. ``ode`` takes ``eval.{divergence, rtol, atol, eps}``; ``bound`` takes
+  ``eval.{eps, bound_time_samples, bound_decoder}``. nfe: score evaluations per example.
   """
   e = config.eval
-  options = dict(divergence=e.divergence, rtol=e.rtol, atol=e.atol, eps=e.eps)
+  _choice("eval.likelihood_estimators", estimator, ESTIMATORS)
   scaler = datasets.get_data_scaler(config.data.centered)
-  with _fields(config, {k: f"eval.{k}" for k in options}):
+  if estimator == "ode":
+    options = dict(divergence=e.divergence, rtol=e.rtol, atol=e.atol, eps=e.eps)
+  else:
+    options = dict(eps=e.eps, num_time_samples=e.bound_time_samples, decoder=e.bound_decoder)
+  k = e.importance_samples
+  bound_nfe = e.bound_time_samples * (2 if e.bound_decoder == "tweedie" else 1)
+  fields = {**{key: f"eval.{key}" for key in ("divergence", "rtol", "atol", "eps", "importance_samples")},
+            "num_time_samples": "eval.bound_time_samples", "decoder": "eval.bound_decoder", "num_samples":
+            "eval.importance_samples"}
+  with _fields(config, fields):
     if eight_bit:
-      bpd_fn = likelihood_lib.get_bpd_fn(sde, scaler, **options)
-      return lambda key, score_fn, images: bpd_fn(key, score_fn, jnp.round(images * 255.0).astype(jnp.uint8))[0]
-    lik = likelihood_lib.get_likelihood_fn(sde, **options)
+      dequantization.get_bpd_fn(sde, dequantization.uniform, estimator, k, scaler, **options)  # checks the options
 
-  def points_logp(key, score_fn, points):
+      def images_bpd(key, score_fn, images, dequantizer):
+        bpd_fn = dequantization.get_bpd_fn(sde, dequantizer, estimator, k, scaler, **options)
+        bpd, aux = bpd_fn(key, score_fn, jnp.round(images * 255.0).astype(jnp.int32))
+        return bpd, (aux["nfe"] * k if estimator == "ode" else jnp.asarray(bound_nfe * k))
+
+      return images_bpd
+    estimate = (likelihood_lib.get_likelihood_fn(sde, **options) if estimator == "ode"
+                else bound_lib.get_bound_fn(sde, **options))
+
+  def points_logp(key, score_fn, points, dequantizer):
+    del dequantizer
     # log p(u) = log p(x) + log|dx/du| for the elementwise data scaler x = s(u).
     x, dx_du = jax.jvp(scaler, (points,), (jnp.ones_like(points),))
     log_det = jnp.sum(jnp.log(jnp.abs(dx_du)).reshape(points.shape[0], -1), axis=1)
-    return lik(key, score_fn, x)[0] + log_det
+    if estimator == "ode":
+      logp, _, nfe = estimate(key, score_fn, x)
+      return logp + log_det, nfe
+    nll, _ = estimate(key, score_fn, x)
+    return -nll + log_det, jnp.asarray(bound_nfe)
 
   return points_logp
 
@@ -417,8 +595,9 @@ def build_likelihood_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, eig
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
-  """A checkpoint's EMA weights as a function: ``fn`` is a ``ScoreFunction`` (score models) or a
-  ``LogitFunction`` (classifiers) of (x (B, ...), t (B,)); ``network`` and ``sde`` built them."""
+  """A checkpoint's EMA weights as a function: a ``ScoreFunction`` (score models) or a ``LogitFunction``
+  (classifiers) of (x (B, ...), t (B,)), or a dequantiser ``fn(key, x) -> (u, log q)``; ``network`` and
+  ``sde`` built them."""
 
   sde: sde_lib.SDE
   network: Any
@@ -436,12 +615,17 @@ def restore(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
   """
   sde, network = build_sde(config), build_network(config)
   replicated = parallel.replicated(parallel.make_mesh(devices))
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                          abstract_params(network, example_shape(config)))
+  example = example_shape(config)
+  shapes = abstract_params(network, example)
+  if config.training.objective == "dequantizer":  # the flow and the frozen score model it was trained with
+    shapes = {"flow": shapes, "score": abstract_params(build_network(score_run_config(config, workdir)), example)}
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
   with checkpoints.quiet_orbax():
     ema_params, restored_step = checkpoints.restore_ema_params(workdir, abstract, step=step)
   variables = {"params": ema_params}
-  if config.training.objective == "classifier":
+  if config.training.objective == "dequantizer":
+    fn = dequantization.variational(network, {"params": ema_params["flow"]})
+  elif config.training.objective == "classifier":
     fn = wrapper.get_logit_fn(sde, network, variables)
   else:
     fn = wrapper.get_score_fn(sde, network, variables, continuous=config.training.continuous)
@@ -590,15 +774,23 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None =
     raise ValueError(f"config.{section}: the {config[section].name} network cannot be built for examples of shape "
                      f"{example}: {error}") from error
   build_step_fns(config, sde, network, example)
+  if config.training.objective == "dequantizer" and not config.dequantizer.score_workdir:
+    raise ValueError("config.dequantizer.score_workdir is empty: a dequantiser is trained on a frozen score model; "
+                     "set --config.dequantizer.score_workdir to the workdir of a trained score model's run.")
   if config.training.objective == "score":
     check_guidance(config, network)
     for tagged in eval_sampler_configs(config).values():
       build_sampler(tagged, sde, (tagged.sampling.batch_size,) + example)
-    build_likelihood_fn(config, sde, eight_bit=len(example) == 3)
+    for estimator, _ in likelihood_rows(config):
+      build_likelihood_fn(config, sde, len(example) == 3, estimator)
+    if "variational" in config.eval.dequantizers and not config.eval.dequantizer_workdir:
+      raise ValueError("config.eval.dequantizers lists 'variational' but config.eval.dequantizer_workdir is empty; "
+                       "set it to the workdir of a trained dequantiser (training.objective='dequantizer').")
 
 
-__all__ = ["OBJECTIVES", "Restored", "SAMPLER_FIELDS", "abstract_params", "build_eval_loss_fn",
-           "build_guided_score_fns", "build_likelihood_fn", "build_loss_fn", "build_network", "build_optimizer",
-           "build_sampler", "build_sde", "build_step_fns", "check_guidance", "check_training",
-           "eval_sampler_configs", "example_shape", "is_image_set", "likelihood_tag", "parse_sampler_settings", "restore",
-           "restore_score_model", "sampler_tag", "sampling_options", "validate", "with_sampling"]
+__all__ = ["DEQUANTIZERS", "ESTIMATORS", "OBJECTIVES", "Restored", "SAMPLER_FIELDS", "SCORE_CONFIG",
+           "abstract_params", "build_dequantizer", "build_eval_loss_fn", "build_guided_score_fns",
+           "build_likelihood_fn", "build_loss_fn", "build_network", "build_optimizer", "build_sampler", "build_sde",
+           "build_step_fns", "check_guidance", "check_training", "eval_sampler_configs", "example_shape",
+           "init_params", "is_image_set", "likelihood_rows", "likelihood_tag", "parse_sampler_settings", "restore",
+           "restore_score_model", "sampler_tag", "sampling_options", "score_run_config", "validate", "with_sampling"]

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from score_sde import bound as bound_lib
 from score_sde import likelihood
@@ -95,13 +96,20 @@ def matched_std(sde: sde_lib.SDE, eps: float, bin_width: float) -> float:
   return float(sigma[0] / alpha[0]) / bin_width
 
 
+class Variational(struct.PyTreeNode):
+  """A trained ``VariationalDequantizer`` as a dequantiser: ``variables`` are pytree leaves, ``module`` static."""
+
+  module: dequantizer_lib.VariationalDequantizer = struct.field(pytree_node=False)
+  variables: Any
+
+  def __call__(self, key: Array, x: Array) -> tuple[Array, Array]:
+    return self.module.apply(self.variables, key, x, method=self.module.sample_and_log_prob)
+
+
 def variational(module: dequantizer_lib.VariationalDequantizer, variables: Any) -> Dequantizer:
-  """The dequantiser of a trained ``VariationalDequantizer`` and its variables."""
-  return jax.tree_util.Partial(_variational, module, variables)
-
-
-def _variational(module, variables, key, x):
-  return module.apply(variables, key, x, method=module.sample_and_log_prob)
+  """The dequantiser of a trained ``VariationalDequantizer`` and its variables (a pytree, so jitted callers trace
+  new variables instead of recompiling)."""
+  return Variational(module=module, variables=variables)
 
 
 # Dequantisers by name (a variational one is built from trained variables with ``variational``).
@@ -133,7 +141,8 @@ def log_prob_bound(key: Array, log_density_fn: LogDensityFn, dequantizer: Dequan
                    ) -> tuple[Array, Array]:
   """The importance-weighted bound log (1/K) sum_k w_k <= log P(x), in nats.
 
-  Sample k uses ``k_deq, k_density = split(fold_in(key, k))``. Jit-able (a ``lax.map`` over k).
+  Sample k uses ``k_deq, k_density = split(key_k)``, key_0 = key and key_k = fold_in(key, k) (so K = 1 with
+  uniform noise and the ODE draws what ``likelihood.get_bpd_fn(key)`` draws). Jit-able (``lax.map`` over k).
 
   Args:
     key: PRNG key.
@@ -152,14 +161,15 @@ def log_prob_bound(key: Array, log_density_fn: LogDensityFn, dequantizer: Dequan
 
 def _log_weights(key, log_density_fn, dequantizer, x, num_samples, data_scaler):
   """log w (B, K), and the second output of ``log_density_fn(key, y) -> (log p, other)`` per sample."""
-  def log_weight(k):
-    k_deq, k_density = jax.random.split(jax.random.fold_in(key, k))
+  def log_weight(sample_key):
+    k_deq, k_density = jax.random.split(sample_key)
     u, log_q = dequantizer(k_deq, x)
     y, log_det = to_model_space(x, u, data_scaler)
     log_p, other = log_density_fn(k_density, y)
     return log_p + log_det - log_q, other
 
-  log_w, other = jax.lax.map(log_weight, jnp.arange(num_samples))
+  keys = jnp.concatenate([key[None], jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(1, num_samples))])
+  log_w, other = jax.lax.map(log_weight, keys)
   return log_w.T, other
 
 

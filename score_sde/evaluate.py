@@ -221,30 +221,37 @@ def _non_finite(samples: np.ndarray) -> int:
 # --- Likelihoods ---------------------------------------------------------------------------------------
 
 
+_LIKELIHOOD_FIELDS = ("divergence", "rtol", "atol", "eps", "likelihood_estimators", "dequantizers", "importance_samples",
+                      "bound_time_samples", "bound_decoder", "dequantizer_workdir")
+
+
 def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, out_dir: str | epath.PathLike,
                *, split: str | None = None, max_examples: int | None = None, step: int | None = None,
                key: Array | None = None, name: str | None = None, tag: str | None = None,
                restored: builders.Restored | None = None, devices: list[jax.Device] | None = None
                ) -> dict[str, Any]:
-  """The PF-ODE likelihood of every example of a split (``config.eval.bpd_dataset`` by default).
+  """The likelihood of every example of a split (``eval.bpd_dataset``) by each estimator and dequantiser.
 
-  Solver settings are ``config.eval.{divergence, rtol, atol, eps}``; batches of
-  ``config.eval.batch_size`` are sharded over the devices; the last, partial batch is padded and
-  its padding dropped, so every example counts once. Writes ``out_dir/likelihood_<split>_<step>_<tag>.npz``
-  (``values`` (N,), ``labels`` (N,), the settings); ``tag`` defaults to ``builders.likelihood_tag(config)``.
-  An earlier result of the same settings is returned as it is (``kept``); one of other settings is kept.
+  One row per (estimator, dequantiser) of ``builders.likelihood_rows``: bits/dim of 8-bit images (a bound on
+  -log P(x) / D), or log p in nats of 2-D data, with its standard error over the examples, the score
+  evaluations per example and the examples per second (compilation excluded). Batches of
+  ``eval.batch_size`` are sharded over the devices, padding dropped, so every example counts once; batch j
+  draws its noise from ``fold_in(key, j)``, the same for every row. Writes
+  ``out_dir/likelihood_<split>_<step>_<tag>.npz`` (each row's ``values_<row>`` (N,), ``labels``, the table and
+  the settings); ``tag`` defaults to ``builders.likelihood_tag(config)``. An earlier result of the same
+  settings is returned as it is (``kept``); one of other settings is kept.
 
   Args:
-    max_examples: stop after this many examples (default ``config.eval.likelihood_examples``; 0: the
-      whole split).
+    max_examples: stop after this many examples (default ``eval.likelihood_examples``; 0: the whole split).
     key: the base key of the pass (default: from ``config.seed``).
     name: the output file's name, replacing the default (then written whatever is there).
     restored: ``builders.restore``'s result for ``step``, if the caller has it already.
 
   Returns:
-    {"values": (N,), "mean", "sem" (standard error), "unit" ("bits/dim" or "nats"), "split", "step",
-    "npz", "kept", "source" (where the split's examples come from), and "exact_mean" (the true
-    density's mean log p of the same points, for toy sets with a closed form; else None)}.
+    {"rows": [{"estimator", "dequantizer", "mean", "sem", "nfe", "examples_per_second", "compile_seconds"}],
+    "values" / "mean" / "sem" of the first row, "unit" ("bits/dim" or "nats"), "split", "step", "npz",
+    "settings", "kept", "source" (where the split's examples come from), "exact_mean" (the true density's
+    mean log p of the same points for toy sets with one, else None), "row_values" {row name: (N,)} when computed}.
   """
   mesh = parallel.make_mesh(devices)
   parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
@@ -258,46 +265,78 @@ def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
   ds = train_ds if split == "train" else test_ds
   e = config.eval
   npz = epath.Path(out_dir) / (name or f"likelihood_{split}_{step}_{tag or builders.likelihood_tag(config)}.npz")
-  settings = {"eval": {k: e[k] for k in ("divergence", "rtol", "atol", "eps")}, "max_examples": max_examples,
-              "split": split, "seed": config.seed, "step": step}
+  settings = {"eval": {k: e[k] for k in _LIKELIHOOD_FIELDS}, "max_examples": max_examples, "split": split,
+              "seed": config.seed, "step": step}
+  settings = json.loads(json.dumps(settings, default=str))
+  unit = "bits/dim" if ds.eight_bit else "nats"
   earlier = None if name else _earlier(npz, settings)
   if earlier is not None:
-    values = earlier["values"]
-    mean, sem = _mean_and_sem(values)
+    rows = json.loads(str(earlier["table"]))
     exact = float(earlier["exact_mean"]) if "exact_mean" in earlier else None
-    return {"values": values, "mean": mean, "sem": sem, "unit": str(earlier["unit"]), "split": split,
-            "step": step, "npz": str(npz), "exact_mean": exact, "kept": True, "source": ds.source_note}
-  fn = _program(("likelihood", sde, e.divergence, e.rtol, e.atol, e.eps, config.data.centered, ds.eight_bit,
-                 mesh), lambda: jax.jit(builders.build_likelihood_fn(config, sde, ds.eight_bit),
-                                        out_shardings=parallel.batch_sharding(mesh)))
-  unit = "bits/dim" if ds.eight_bit else "nats"
+    return {"rows": rows, "values": earlier["values"], "mean": rows[0]["mean"], "sem": rows[0]["sem"], "unit": unit,
+            "split": split, "step": step, "npz": str(npz), "settings": settings, "exact_mean": exact, "kept": True,
+            "source": ds.source_note}
+
+  pairs = builders.likelihood_rows(config)
+  dequantizers = {d: builders.build_dequantizer(config, sde, d, devices=devices) for d in {d for _, d in pairs if d}}
+  sharding = (parallel.batch_sharding(mesh), parallel.replicated(mesh))
+  programs = {est: _program(("likelihood", sde, est, json.dumps(settings["eval"]), config.data.centered,
+                             ds.eight_bit, mesh),
+                            lambda est=est: jax.jit(builders.build_likelihood_fn(config, sde, ds.eight_bit, est),
+                                                    out_shardings=sharding))
+              for est in {est for est, _ in pairs}}
   key = _key(config, _LIKELIHOOD) if key is None else key
   total = min(ds.num_examples, max_examples) if max_examples else ds.num_examples
-  progress, values, labels, points = _Progress(f"likelihood ({split})", total, "examples"), [], [], []
+  progress = _Progress(f"likelihood ({split})", total, "examples")
+  values, nfes, seconds = {p: [] for p in pairs}, {p: [] for p in pairs}, {p: 0.0 for p in pairs}
+  compiled, compile_seconds, labels, points = {}, {}, [], []
   for j, batch in enumerate(ds.make_iterator()):
     sharded = parallel.shard_batch({k: batch[k] for k in ("image", "mask", "label")}, mesh)
-    out = fn(jax.random.fold_in(key, j), score_fn, sharded["image"])
     mask = _gather(sharded["mask"])
-    values.append(_gather(out)[mask])
+    for pair in pairs:
+      args = (jax.random.fold_in(key, j), score_fn, sharded["image"], dequantizers.get(pair[1]))
+      if pair not in compiled:  # compiled ahead of time, so the rate counts the solves only
+        started = time.perf_counter()
+        compiled[pair] = programs[pair[0]].lower(*args).compile()
+        compile_seconds[pair] = time.perf_counter() - started
+      started = time.perf_counter()
+      out, nfe = jax.block_until_ready(compiled[pair](*args))
+      seconds[pair] += time.perf_counter() - started
+      values[pair].append(_gather(out)[mask])
+      nfes[pair].append(float(nfe))
     labels.append(_gather(sharded["label"])[mask])
     if ds.density is not None:
       points.append(_gather(sharded["image"])[mask])
-    done = sum(len(v) for v in values)
-    progress.update(min(done, total), f"mean {np.mean(np.concatenate(values)):.4f} {unit}")
+    done = sum(len(v) for v in values[pairs[0]])
+    progress.update(min(done, total), f"mean {np.mean(np.concatenate(values[pairs[0]])):.4f} {unit}")
     if done >= total:
       break
-  values, labels = np.concatenate(values)[:total], np.concatenate(labels)[:total]
-  mean, sem = _mean_and_sem(values)
+  rows, arrays = [], {}
+  for pair in pairs:
+    v = np.concatenate(values[pair])[:total]
+    mean, sem = _mean_and_sem(v)
+    rows.append({"estimator": pair[0], "dequantizer": pair[1], "mean": mean, "sem": sem,
+                 "nfe": float(np.mean(nfes[pair])), "examples_per_second": len(v) / max(seconds[pair], 1e-9),
+                 "compile_seconds": compile_seconds[pair]})
+    arrays[f"values_{_row_name(pair)}"] = v
   exact_mean = None
   if ds.density is not None:
     exact_mean = float(np.mean(np.asarray(ds.density.log_prob(jnp.asarray(np.concatenate(points)[:total])))))
+  first = arrays[f"values_{_row_name(pairs[0])}"]
   extra = {} if exact_mean is None else {"exact_mean": np.asarray(exact_mean)}
-  _write_npz(npz, values=values, labels=labels, unit=np.asarray(unit),
-             settings=np.asarray(json.dumps(settings, default=str)), **extra)
-  logging.info("likelihood of %d %s examples at step %d: %.5f +- %.5f %s%s; %s", len(values), split, step, mean,
-               sem, unit, "" if exact_mean is None else f" (exact density: {exact_mean:.5f} nats)", npz)
-  return {"values": values, "mean": mean, "sem": sem, "unit": unit, "split": split, "step": step,
-          "npz": str(npz), "exact_mean": exact_mean, "kept": False, "source": ds.source_note}
+  _write_npz(npz, values=first, labels=np.concatenate(labels)[:total], unit=np.asarray(unit),
+             table=np.asarray(json.dumps(rows)), settings=np.asarray(json.dumps(settings)), **arrays, **extra)
+  for row in rows:
+    logging.info("likelihood of %d %s examples at step %d (%s, %s): %.5f +- %.5f %s", len(first), split, step,
+                 row["estimator"], row["dequantizer"] or "-", row["mean"], row["sem"], unit)
+  return {"rows": rows, "values": first, "mean": rows[0]["mean"], "sem": rows[0]["sem"], "unit": unit,
+          "split": split, "step": step, "npz": str(npz), "settings": settings, "exact_mean": exact_mean,
+          "kept": False, "source": ds.source_note, "row_values": {k[len("values_"):]: v for k, v in arrays.items()}}
+
+
+def _row_name(pair: tuple[str, str | None]) -> str:
+  """``ode``, ``bound`` (2-D data) or ``ode_uniform``, ``bound_variational``, ... (8-bit images)."""
+  return pair[0] if pair[1] is None else f"{pair[0]}_{pair[1]}"
 
 
 # --- Eval loss -----------------------------------------------------------------------------------------
@@ -474,22 +513,38 @@ def _checkpoint_loss(config: ml_collections.ConfigDict, workdir: epath.Path, pat
 
 def _checkpoint_likelihood(config: ml_collections.ConfigDict, workdir: epath.Path, out_dir: epath.Path, n: int,
                            step: int, restored: Callable[[], builders.Restored], devices) -> dict[str, float]:
-  """The mean likelihood (bits/dim or log p in nats) and its standard error over ``eval.bpd_repeats`` passes."""
-  values = []
+  """Each likelihood row's mean (bits/dim or log p in nats), standard error, NFE and rate over ``eval.bpd_repeats``
+  passes: ``bpd`` for the first row, ``bpd_<estimator>_<dequantizer>`` for the others."""
+  pairs = builders.likelihood_rows(config)
+  values: dict[tuple, list] = {pair: [] for pair in pairs}
+  stats: dict[tuple, list] = {pair: [] for pair in pairs}
   for r in range(config.eval.bpd_repeats):
     name = f"ckpt_{n}/likelihood_{r}.npz"
     if not parallel.process0_says((out_dir / name).exists()):
       key = jax.random.fold_in(jax.random.fold_in(_key(config, _LIKELIHOOD), step), r)
-      values.append(likelihood(config, workdir, out_dir, step=step, key=key, name=name, restored=restored(),
-                               devices=devices)["values"])
+      result = likelihood(config, workdir, out_dir, step=step, key=key, name=name, restored=restored(),
+                          devices=devices)
+      table = result["rows"]
+      arrays = {pair: result["row_values"][_row_name(pair)] for pair in pairs}
     elif jax.process_index() == 0:
       with (out_dir / name).open("rb") as f, np.load(f) as data:
-        values.append(data["values"])
-  unit = "bpd" if builders.is_image_set(config) else "logp_nats"
-  if len(values) < config.eval.bpd_repeats:  # another process read the resumed passes
+        table = json.loads(str(data["table"]))
+        arrays = {pair: data[f"values_{_row_name(pair)}"] for pair in pairs}
+    else:
+      continue
+    for pair, row in zip(pairs, table):
+      values[pair].append(arrays[pair])
+      stats[pair].append((row["nfe"], row["examples_per_second"]))
+  if len(values[pairs[0]]) < config.eval.bpd_repeats:  # another process read the resumed passes
     return {}
-  mean, sem = _mean_and_sem(np.concatenate(values))
-  return {unit: mean, f"{unit}_sem": sem}
+  unit = "bpd" if builders.is_image_set(config) else "logp_nats"
+  out = {}
+  for i, pair in enumerate(pairs):
+    column = unit if i == 0 else f"{unit}_{_row_name(pair)}"
+    out[column], out[f"{column}_sem"] = _mean_and_sem(np.concatenate(values[pair]))
+    out[f"{column}_nfe"] = float(np.mean([nfe for nfe, _ in stats[pair]]))
+    out[f"{column}_examples_per_second"] = float(np.mean([rate for _, rate in stats[pair]]))
+  return out
 
 
 def _sampler_row(config: ml_collections.ConfigDict, path: epath.Path, round_dir: epath.Path, step: int,

@@ -216,11 +216,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
   if workdir.exists() and not workdir.is_dir():
     raise FileExistsError(f"--workdir {workdir} is a file, not a directory; pass a directory for the run (it is "
                           f"created if missing).")
-  data = datasets.get_dataset(config)  # missing data is reported before the workdir is touched
+  data = datasets.get_dataset(config)  # missing data (or score model) is reported before the workdir is touched
+  if t.objective == "dequantizer":
+    builders.score_run_config(config)
   is_host0 = jax.process_index() == 0
   if is_host0:
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints.write_config(config, workdir)
+    if t.objective == "dequantizer":  # the frozen score model's config travels with the run
+      (workdir / builders.SCORE_CONFIG).write_text(builders.score_run_config(config).to_json_best_effort(indent=2))
   with checkpoints.quiet_orbax():
     writer = None
     if is_host0:  # imported here: tensorboardX imports PyTorch when it is installed (seconds), other hosts skip it

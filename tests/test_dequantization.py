@@ -180,8 +180,7 @@ def test_bpd_fn_reproduces_the_likelihood_modules_bits_per_dim():
   center = lambda u: 2 * u - 1
   key = jax.random.key(2)
   bpd, aux = dq.get_bpd_fn(sde, dq.uniform, "ode", data_scaler=center, **options)(key, score_fn, images)
-  expected, _, nfe = likelihood.get_bpd_fn(sde, data_scaler=center, **options)(jax.random.fold_in(key, 0), score_fn,
-                                                                             images)
+  expected, _, nfe = likelihood.get_bpd_fn(sde, data_scaler=center, **options)(key, score_fn, images)
   # Uniform dequantisation draws the noise of likelihood.dequantize, so the two agree exactly.
   np.testing.assert_allclose(bpd, expected, rtol=1e-5)
   assert aux["log_weights"].shape == (4, 1) and int(aux["nfe"]) == int(nfe)
@@ -200,7 +199,8 @@ def test_bpd_fn_with_the_bound_and_importance_samples():
   bound_fn = bound.get_bound_fn(sde, num_time_samples=4)
   log_w = []
   for k in range(3):
-    k_deq, k_bound = jax.random.split(jax.random.fold_in(jax.random.key(5), k))
+    sample_key = jax.random.key(5) if k == 0 else jax.random.fold_in(jax.random.key(5), k)
+    k_deq, k_bound = jax.random.split(sample_key)
     u, log_q = deq(k_deq, images)
     y, log_det = dq.to_model_space(images, u, center)
     log_w.append(-bound_fn(k_bound, score_fn, y)[0] + log_det - log_q)
