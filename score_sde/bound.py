@@ -1,37 +1,11 @@
-"""The continuous-time variational bound on -log p of the reverse SDE, estimated on device.
-
-For x (B, ...) in model space and x_t = alpha_t x + sigma_t z, the ELBO of the reverse SDE (run from
-the prior pi at T down to eps, then decoded to time 0 by a Gaussian r(x | x_eps)) is, in the form
-of ScoreFlow's Theorem 1 (Song, Durkan, Murray & Ermon 2021; VDM's continuous-time VLB),
-
-    -log p_theta(x) <= B(x) = E[-log pi(x_T)] + D log(sigma~_eps / sigma_T)
-                              + 1/2 int_eps^T g(t)^2 E_z || s_theta(x_t, t) + z / sigma_t ||^2 dt + R(x),
-
-sigma~_t = sigma_t / alpha_t. Terms (derived in docs/likelihood.md):
-
-* prior: the cross-entropy of x perturbed to T under pi, in closed form (``sde.prior_cross_entropy``);
-* entropy: D log(sigma~_eps / sigma_T) = H(N(0, sigma~_eps^2 I)) - H(p_0T(. | x)) + D / 2, i.e. the
-  Theorem's -1/2 int (g^2 ||grad log p_0t||^2 + 2 div f) dt plus the decoder's -D log alpha_eps;
-* path: denoising score matching with likelihood weighting against grad log p_0t(x_t | x) =
-  -z / sigma_t, t drawn from ``losses.likelihood_importance_proposal`` (the likelihood-weighted
-  loss's q(t) ~ g^2 / sigma^2): one score evaluation per time sample. The control variate
-  c_t^2 ||z||^2, c_t = sigma_d^2 / (sigma_d^2 + sigma~_t^2), is subtracted and its integral added
-  back in closed form (g^2 / sigma^2 dt = d log sigma~^2): same mean, far less variance;
-* reconstruction R, by ``decoder``:
-  - ``noisy`` (default): r = N(x_eps / alpha_eps, sigma~_eps^2 I), R = 0. B(x) + D log alpha_eps then
-    also bounds E_{x' ~ p_0eps(. | x)}[-log p_eps(x')], the density at eps (that of
-    ``likelihood.get_likelihood_fn(eps=...)``, there for the PF-ODE and at x itself) of x perturbed
-    to eps; with the exact score and pi = p_T the two are equal.
-  - ``tweedie``: ScoreFlow's ``eps_offset``, r = N(E[x | x_eps] by Tweedie, sigma~_eps^2 I), a bound
-    on clean data: R = E 1/2 ||sigma_eps s_theta(x_eps, eps) + z'||^2 - D / 2 (a second score
-    evaluation per time sample).
+"""The continuous-time variational bound on -log p of the reverse SDE (ScoreFlow's Theorem 1), on device.
 
     bound_fn = get_bound_fn(sde, eps=1e-5, num_time_samples=K)
-    nll, se = bound_fn(key, score_fn, x)     # (B,) nats, and the Monte-Carlo standard error (B,)
+    nll, se = bound_fn(key, score_fn, x)     # B(x) (B,) nats, and its Monte-Carlo standard error (B,)
 
-Example i draws sample k's time and noise from ``fold_in(fold_in(key, i), k)``, so its estimate does
-not depend on the batch it is in; ``se`` is the standard error of the mean of its K per-sample
-estimates (NaN for K = 1).
+B(x) = E[-log pi(x_T)] + D log(sigma~_eps / sigma_T) + 1/2 int_eps^T g^2 E||s(x_t, t) + z / sigma_t||^2 dt + R(x),
+sigma~ = sigma / alpha; t by the likelihood-weighted loss's importance proposal; terms and estimator:
+``docs/likelihood.md``. Example i draws from ``fold_in(key, i)``, so it does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -55,22 +29,14 @@ DECODERS = ("noisy", "tweedie")
 
 def get_bound_fn(sde: sde_lib.SDE, eps: float = 1e-5, num_time_samples: int = 1, decoder: str = "noisy",
                  sigma_data: float | None = 0.5, time_batch: int | None = None) -> Callable:
-  """Builds ``bound_fn(key, score_fn, x) -> (nll, se)``: the bound B(x) >= -log p_theta(x) in nats.
+  """``bound_fn(key, score_fn, x (B, ...)) -> (nll (B,), se (B,))``: B(x) >= -log p_theta(x) in nats, K samples.
 
   Args:
-    sde: the forward SDE the score function belongs to (with ``prior_cross_entropy``).
-    eps: lower end of the time integral, 0 < eps < T (the likelihood's eps, 1e-5 by default).
-    num_time_samples: K importance-sampled times (each with its own z) per example.
-    decoder: one of ``DECODERS``: ``noisy`` (no score call at eps) or ``tweedie`` (ScoreFlow).
-    sigma_data: data scale sigma_d of the control variate c_t^2 ||z||^2 subtracted from the path
-      term, c_t = sigma_d^2 / (sigma_d^2 + sigma~_t^2) (its integral is added back in closed form):
-      unbiased for any value, lowest variance near the data's per-dimension scale; ``inf``:
-      c_t = 1 (ScoreFlow's estimator); None: no control variate (the plain DSM estimator).
-    time_batch: time samples evaluated together in one (vmapped) score call; None: one at a time.
-
-  Returns:
-    ``bound_fn(key, score_fn, x)`` with x (B, ...) floating-point data in model space, returning
-    nll (B,), the K-sample estimate of B(x), and se (B,), its standard error.
+    num_time_samples: K importance-sampled times (each with its own z) per example; se is NaN for K = 1.
+    decoder: ``noisy`` (R = 0: bounds p_eps of x perturbed to eps) or ``tweedie`` (ScoreFlow's, clean data).
+    sigma_data: the control variate c_t^2 ||z||^2, c_t = sigma_d^2 / (sigma_d^2 + sigma~_t^2), subtracted and
+      integrated back in closed form (unbiased for any value; ``inf``: ScoreFlow's c_t = 1; None: none).
+    time_batch: time samples per (vmapped) score call; None: one at a time.
   """
   if not 0 < eps < sde.T:
     raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps}.")

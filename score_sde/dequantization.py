@@ -1,29 +1,10 @@
-"""Dequantisation of 8-bit data: bounds on the discrete log-probability from a continuous density.
+"""Dequantisation of 8-bit data: bounds on the discrete log P(x) from a continuous density on y = s((x + u) / 256).
 
-A continuous density p on model space y = s((x + u) / 256) (s the data scaler) defines the discrete
-model P(x) = int_[0,1)^D p(y(x + u)) |dy/du| du of 8-bit data x in {0..255}^D. For any dequantiser
-q(u | x) on [0, 1)^D and K samples u_k ~ q (importance weighting; K = 1 is the variational bound),
+    log P(x) >= E log (1/K) sum_k w_k,   log w_k = log p(y_k) + log|dy/du|(u_k) - log q(u_k | x),   u_k ~ q(. | x)
 
-    log P(x) >= E log (1/K) sum_k w_k,   log w_k = log p(y_k) + log|dy/du|(u_k) - log q(u_k | x),
-
-which tightens monotonically in K (in expectation) towards log P(x). Bits/dim are -that / (D ln 2):
-the Jacobian, log 256 per dimension included, replaces the original's offset (8 for [0, 1] data, 7
-for [-1, 1]), so uniform dequantisation reproduces ``likelihood.get_bpd_fn``.
-
-Dequantisers, ``dequantizer(key, x) -> (u, log q(u | x))`` with x (B, ...) integers and example i
-drawing from ``fold_in(key, i)``:
-
-* ``uniform``: u ~ U[0, 1)^D, log q = 0 (score_sde; the same noise as ``likelihood.dequantize``);
-* ``truncated_normal(std)``: u ~ N(1/2, std^2) truncated to [0, 1) (i-DODE's training-free
-  dequantiser; ``matched_std`` gives its choice, the model's noise level at eps in bin units);
-* ``variational(module, variables)``: a trained ``models.dequantizer.VariationalDequantizer``
-  (ScoreFlow, after Flow++), trained with the score model frozen by ``get_loss_fn``.
-
-log p(y) comes from the PF-ODE (``likelihood.get_likelihood_fn``, an unbiased estimate of log p_eps
-with Hutchinson probes) or from the variational bound (``bound.get_bound_fn``, whose -B(y) is an
-unbiased estimate of a lower bound on log p_theta(y)): ``get_bpd_fn(estimator="ode" | "bound")``.
-With K > 1 the estimates enter the log-mean-exp, so the Monte-Carlo noise of each log p(y_k) biases
-the result upwards by about half its variance; K = 1 keeps the bound unbiased.
+Dequantisers ``dequantizer(key, x) -> (u, log q)``: ``uniform``, ``truncated_normal(std)`` (i-DODE), ``variational``
+(a trained ``models.dequantizer.VariationalDequantizer``); log p from the PF-ODE or the variational bound
+(``get_bpd_fn(estimator=...)``). ``docs/likelihood.md``.
 """
 
 from __future__ import annotations
@@ -139,21 +120,11 @@ def to_model_space(x: Array, u: Array, data_scaler: Callable[[Array], Array] | N
 def log_prob_bound(key: Array, log_density_fn: LogDensityFn, dequantizer: Dequantizer, x: Array,
                    num_samples: int = 1, data_scaler: Callable[[Array], Array] | None = None
                    ) -> tuple[Array, Array]:
-  """The importance-weighted bound log (1/K) sum_k w_k <= log P(x), in nats.
+  """(log (1/K) sum_k w_k <= log P(x) (B,) nats, log w (B, K)) for integers x (B, ...) in 0..255.
 
-  Sample k uses ``k_deq, k_density = split(key_k)``, key_0 = key and key_k = fold_in(key, k) (so K = 1 with
-  uniform noise and the ODE draws what ``likelihood.get_bpd_fn(key)`` draws). Jit-able (``lax.map`` over k).
-
-  Args:
-    key: PRNG key.
-    log_density_fn: ``log_density_fn(key, y) -> (B,)``, log p(y) in model space (or an estimate).
-    dequantizer: ``dequantizer(key, x) -> (u, log_q)``.
-    x: (B, ...) integers in 0..255.
-    num_samples: K.
-    data_scaler: elementwise map from [0, 1) to model space; identity by default.
-
-  Returns:
-    The bound (B,) and the log-weights log w_k (B, K).
+  ``log_density_fn(key, y) -> (B,)`` is (an estimate of) log p in model space. Sample k uses
+  ``split(key_k)``, key_0 = key, key_k = fold_in(key, k): K = 1 with uniform noise and the ODE draws what
+  ``likelihood.get_bpd_fn(key)`` draws.
   """
   log_w, _ = _log_weights(key, lambda k, y: (log_density_fn(k, y), None), dequantizer, x, num_samples, data_scaler)
   return jax.nn.logsumexp(log_w, axis=1) - math.log(num_samples), log_w
@@ -188,22 +159,10 @@ ESTIMATORS = ("ode", "bound")
 
 def get_bpd_fn(sde: sde_lib.SDE, dequantizer: Dequantizer = uniform, estimator: str = "ode", num_samples: int = 1,
                data_scaler: Callable[[Array], Array] | None = None, **estimator_kwargs) -> Callable:
-  """Builds ``bpd_fn(key, score_fn, images) -> (bpd, aux)``: -log P(x) bound in bits/dim, K samples.
+  """``bpd_fn(key, score_fn, integer images (B, ...)) -> (bits/dim (B,), aux)``: the K-sample bound on -log P(x).
 
-  Args:
-    sde: the forward SDE the score function belongs to.
-    dequantizer: ``uniform`` (default), ``truncated_normal(std)``, ``variational(module, variables)``.
-    estimator: ``ode`` (log p_eps from ``likelihood.get_likelihood_fn``) or ``bound`` (-B from
-      ``bound.get_bound_fn``).
-    num_samples: K importance samples of the dequantiser per image.
-    data_scaler: elementwise map from [0, 1) to model space; identity by default.
-    **estimator_kwargs: options of the estimator (divergence, rtol, atol, eps, ... for ``ode``;
-      eps, num_time_samples, decoder, ... for ``bound``).
-
-  Returns:
-    ``bpd_fn(key, score_fn, images)`` with integer images (B, ...), returning bits/dim (B,) and aux
-    {"log_weights": (B, K) nats}; for ``ode`` also "nfe" (the most over the K solves), for
-    ``bound`` also "bound_se" (B, K), the standard errors of the bounds (nats).
+  ``estimator``: ``ode`` (``likelihood.get_likelihood_fn``) or ``bound`` (``bound.get_bound_fn``), with
+  ``estimator_kwargs``. aux: "log_weights" (B, K); "nfe" (ode, the most over the K solves) or "bound_se" (B, K).
   """
   if estimator not in ESTIMATORS:
     raise ValueError(f"Unknown estimator {estimator!r}; valid choices: {sorted(ESTIMATORS)}.")
@@ -245,22 +204,9 @@ def bound_nll_fn(sde: sde_lib.SDE, score_fn: sde_lib.ScoreFn, **bound_kwargs) ->
 
 def get_loss_fn(module: dequantizer_lib.VariationalDequantizer, nll_fn: Callable[[Array, Array], Array],
                 data_scaler: Callable[[Array], Array] | None = None) -> Callable:
-  """The dequantiser's objective: E_{u ~ q}[nll(y(u)) - log|dy/du| + log q(u | x)] >= -log P(x).
-
-  With ``nll_fn = bound_nll_fn(sde, score_fn)`` this is ScoreFlow's objective, the bound of the
-  frozen score model (one score evaluation per example); any unbiased estimate of an upper bound on
-  -log p(y) (e.g. an exact -log p) serves. ``k_deq, k_nll = split(key)``.
-
-  Args:
-    module: the ``VariationalDequantizer``.
-    nll_fn: ``nll_fn(key, y (B, ...)) -> (B,)`` nats in model space.
-    data_scaler: elementwise map from [0, 1) to model space; identity by default.
-
-  Returns:
-    ``loss_fn(key, params, images) -> (loss, aux)`` as ``losses.get_sde_loss_fn``'s (for
-    ``losses.get_step_fn``): loss in nats per dimension; aux {"per_example": the bound on
-    -log P(x) (B,) in nats, "metrics": {"bpd": its batch mean in bits/dim}}.
-  """
+  """``loss_fn(key, params, images) -> (loss, aux)``: E_q[nll(y(u)) - log|dy/du| + log q(u | x)] >= -log P(x),
+  nats per dimension; ``nll_fn(key, y) -> (B,)`` (ScoreFlow: ``bound_nll_fn``, the frozen score model's bound).
+  aux: "per_example" (B,) nats, "metrics" {"bpd"}. ``k_deq, k_nll = split(key)``."""
   def loss_fn(key: Array, params: Any, images: Array) -> tuple[Array, dict[str, Any]]:
     k_deq, k_nll = jax.random.split(key)
     u, log_q = module.apply(params, k_deq, images, method=module.sample_and_log_prob)

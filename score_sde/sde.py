@@ -39,6 +39,11 @@ def _time(t, x: Array) -> Array:
   return jnp.broadcast_to(t, x.shape[:1]) if t.ndim == 0 else t
 
 
+def tweedie(x: Array, score: Array, alpha: Array, sigma: Array) -> Array:
+  """Tweedie's E[x_0 | x_t] = (x + sigma_t^2 s) / alpha_t for x (B, ...), its score, and alpha, sigma (B,)."""
+  return batch_mul(1.0 / alpha, x + batch_mul(sigma**2, score))
+
+
 def _gaussian_cross_entropy(mean: Array, std: Array, tau: float) -> Array:
   """E[-log N(x; 0, tau^2 I)] for x ~ N(mean, std^2 I): mean (B, ...), std (B,); returns (B,)."""
   d = math.prod(mean.shape[1:])

@@ -43,7 +43,8 @@ _DIGITS = ("--config.training.n_iters=4", "--config.training.n_jitted_steps=1", 
            "--config.sampling.batch_size=20", "--config.eval.num_samples=20", "--config.eval.batch_size=64",
            "--config.eval.likelihood_examples=64", "--config.eval.rtol=1e-2", "--config.eval.atol=1e-2",
            "--config.sampling.rtol=1e-2", "--config.sampling.atol=1e-2")
-TINY = {"configs/toy/": _TOY, "configs/classifier/toy_": _TOY, "configs/vp/digits": _DIGITS}
+TINY = {"configs/toy/": _TOY, "configs/classifier/toy_": _TOY, "configs/vp/digits": _DIGITS,
+        "configs/dequantizer/digits": _DIGITS + ("--config.dequantizer.features=8",)}
 
 
 def readme_commands() -> list[str]:

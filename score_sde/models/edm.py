@@ -43,8 +43,8 @@ Variables = Mapping[str, Any]
 
 
 def denoiser_from_score(score: Array, x: Array, alpha: Array, sigma: Array) -> Array:
-  """D = (x + sigma^2 s) / alpha (Tweedie), shaped like x."""
-  return sde_lib.batch_mul(1.0 / alpha, x + sde_lib.batch_mul(sigma**2, score))
+  """D = (x + sigma^2 s) / alpha (Tweedie, ``sde.tweedie``), shaped like x."""
+  return sde_lib.tweedie(x, score, alpha, sigma)
 
 
 def score_from_denoiser(denoised: Array, x: Array, alpha: Array, sigma: Array) -> Array:

@@ -1,21 +1,10 @@
 """Samplers that share one score function: predictor-corrector, probability-flow ODE, fast solvers.
 
-    sampler = get_sampler(sde, shape, method="pc", predictor="reverse_diffusion",
-                          corrector="langevin", snr=0.16, n_steps=1, ...)
+    sampler = get_sampler(sde, shape, method="pc", predictor="reverse_diffusion", corrector="langevin")
     sampler = get_sampler(sde, shape, method="unipc", nfe=10, order=3, time_grid="logsnr")
-    samples, nfe = sampler(key, score_fn)
+    samples, nfe = sampler(key, score_fn)     # one compiled program; arrays in a pytree score_fn are traced
 
-The fixed-budget solvers (``euler``, ``heun``, ``dpm_solver``, ``dpm_solver++``, ``unipc``) work in
-the VE view of ``noise_levels`` for every SDE and take ``nfe`` (the exact number of score
-evaluations), ``order``, ``time_grid`` (``noise_levels.TIME_GRIDS``), ``eps`` and ``denoise``.
-
-Every sampler but ``ode`` takes an optional ``projection=`` at call time, a per-step constraint on
-part of the state (``sampling.projection``; inpainting and colourisation in
-``score_sde.controllable``).
-
-Every sampler is compiled as one program. ``score_fn(x, t)`` may be any callable; arrays held
-in a pytree callable (for example ``jax.tree_util.Partial(apply_fn, params)``) are traced, so new
-parameters do not trigger a recompilation.
+Every method but ``ode`` takes ``projection=`` at call time (``sampling.projection``). ``docs/samplers.md``.
 """
 
 from __future__ import annotations
@@ -52,9 +41,10 @@ def get_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], method: str = "pc", **
   if method not in METHODS:
     raise ValueError(f"Unknown sampling method {method!r}; valid choices: {sorted(METHODS)}.")
   builder = METHODS[method]
-  options = inspect.signature(builder).parameters
-  if not any(p.kind is p.VAR_KEYWORD for p in options.values()):  # pc and ode check their own.
-    ode.reject_unknown(builder, {k: v for k, v in kwargs.items() if k not in options}, f"the {method} sampler")
+  valid = [name for name, p in inspect.signature(builder).parameters.items() if p.default is not p.empty]
+  unknown = sorted(set(kwargs) - set(valid))
+  if unknown:
+    raise ValueError(f"Unknown option(s) {unknown} for the {method} sampler; valid options: {valid}.")
   return builder(sde, tuple(shape), **kwargs)
 
 

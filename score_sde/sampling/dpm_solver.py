@@ -132,7 +132,7 @@ def get_dpm_solver_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int
                        y, run)[0]
     return y
 
-  return fixed_budget.build_sampler(sde, shape, solve, constants, nfe=nfe, eps=eps, denoise=denoise)
+  return fixed_budget.make_sampler(sde, shape, solve, constants, nfe=nfe, eps=eps, denoise=denoise)
 
 
 __all__ = ["ORDERS", "SOLVER_TYPES", "get_dpm_solver_sampler", "step_orders"]

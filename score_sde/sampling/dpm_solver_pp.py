@@ -113,7 +113,7 @@ def get_dpm_solver_pp_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: 
     history = jnp.zeros((order,) + y.shape, y.dtype)
     return jax.lax.scan(step, (y, history), constants)[0][0]
 
-  return fixed_budget.build_sampler(sde, shape, solve, constants, nfe=nfe, eps=eps, denoise=denoise,
+  return fixed_budget.make_sampler(sde, shape, solve, constants, nfe=nfe, eps=eps, denoise=denoise,
                                     stochastic=stochastic)
 
 

@@ -56,7 +56,7 @@ def get_euler_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 50
 
     return jax.lax.scan(step, y, constants)[0]
 
-  return fixed_budget.build_sampler(sde, shape, solve, constants, nfe=nfe, eps=eps, denoise=denoise)
+  return fixed_budget.make_sampler(sde, shape, solve, constants, nfe=nfe, eps=eps, denoise=denoise)
 
 
 __all__ = ["Step", "get_euler_sampler"]

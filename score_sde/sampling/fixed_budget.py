@@ -85,7 +85,7 @@ def step_noise(noise_keys: Array, step: Array | int, event_shape: tuple[int, ...
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), event_shape))(noise_keys)
 
 
-def build_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], solve: Solve, constants: Any, *, nfe: int,
+def make_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], solve: Solve, constants: Any, *, nfe: int,
                   eps: float, denoise: bool, stochastic: bool = False) -> Sampler:
   """``sampler(key, score_fn, z=None, first_index=0, projection=None) -> (samples, nfe)`` around ``solve``.
 
@@ -149,5 +149,5 @@ def build_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], solve: Solve, consta
   return sampler
 
 
-__all__ = ["Project", "Solve", "build_sampler", "check_shape", "grid", "multistep_orders", "no_projection",
-           "on_device", "solver_steps", "stack", "step_noise"]
+__all__ = ["Project", "Solve", "check_shape", "grid", "multistep_orders", "no_projection",
+           "make_sampler", "on_device", "solver_steps", "stack", "step_noise"]

@@ -97,7 +97,7 @@ def get_heun_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 35,
       y = step(y, jax.tree.map(lambda a: a[-1], constants), False)
     return y
 
-  return fixed_budget.build_sampler(sde, shape, solve, constants, nfe=nfe, eps=eps, denoise=denoise,
+  return fixed_budget.make_sampler(sde, shape, solve, constants, nfe=nfe, eps=eps, denoise=denoise,
                                     stochastic=stochastic)
 
 

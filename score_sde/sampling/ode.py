@@ -1,35 +1,15 @@
-"""Probability-flow ODE sampler, solved on device with diffrax, one step size sequence per sample.
-
-The probability-flow ODE of a forward SDE dx = f dt + g dw has the same marginals p_t:
-
-    dx/dt = f(x, t) - g(t)^2 / 2 * s(x, t),    s = grad_x log p_t,
-
-and sampling integrates it from x_T ~ p_T back to t = eps with an adaptive Runge-Kutta method
-and a PID step-size controller, compiled as one program (``equinox.filter_jit``: a plain Python
-score function is static, arrays inside a pytree callable such as ``jax.tree_util.Partial(apply,
-params)`` are traced). The solve is ``jax.vmap``-ed over samples, so each sample has its own
-steps and error control: a hard sample does not shrink the others' steps, and sample i does not
-depend on the rest of the batch (bit for bit across batch sizes >= 2 on CPU; a batch of one,
-which XLA compiles differently, agrees to solver tolerance, since at rtol ~ 1e-5 in float32 the
-accept/reject decisions follow rounding). The batched score function is still called once per
-solver stage for the whole batch, and samples that have finished idle while the others go on, so
-the number of score evaluations made is the maximum over samples of the per-sample count.
-
-Failure. A sample that needs more than ``max_steps`` steps makes the call raise (diffrax
-``throw=True``: "The maximum number of solver steps was reached. Try increasing `max_steps`."),
-for the whole batch, rather than return a silently wrong sample.
+"""The probability-flow ODE sampler dx/dt = f(x, t) - g(t)^2 s(x, t) / 2 from T to eps, on device (diffrax).
 
     sampler = get_ode_sampler(sde, (B, D), rtol=1e-5, atol=1e-5, eps=1e-3)
     samples, nfe = sampler(key, score_fn)           # from the prior
     x, nfe = sampler(None, score_fn, z=latents)     # decode given latents at T
 
-The per-sample solve (``solve_per_sample``) and the solver table are shared with
-``score_sde.likelihood``.
+Each sample has its own adaptive steps (``solve_per_sample``, shared with ``score_sde.likelihood``);
+nfe is the maximum over samples. Why per sample, and failure on ``max_steps``: ``docs/samplers.md``.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable
 
 import diffrax
@@ -70,22 +50,9 @@ def check_tolerances(rtol: float, atol: float, eps: float, max_steps: int, T: fl
     raise ValueError(f"max_steps must be a positive integer, got {max_steps}.")
 
 
-def reject_unknown(builder: Callable, unknown: dict, what: str) -> None:
-  """Raises ``ValueError`` naming ``builder``'s valid keyword options if ``unknown`` is not empty."""
-  if unknown:
-    valid = [name for name, p in inspect.signature(builder).parameters.items()
-             if p.default is not inspect.Parameter.empty]
-    raise ValueError(f"Unknown option(s) {sorted(unknown)} for {what}; valid options: {valid}.")
-
-
 def _evals(solver: diffrax.AbstractAdaptiveSolver, num_steps: Array) -> Array:
-  """Vector-field evaluations of an explicit RK solve with ``num_steps`` attempted steps.
-
-  Every attempted step (accepted or rejected) evaluates each stage once, except that an FSAL
-  method reuses its last stage as the next step's first, and evaluates f(t0, y0) once at the
-  start. (With an explicit ``dt0`` diffrax makes no evaluation to pick the first step.) The test
-  suite checks this count against a vector field that counts its own calls.
-  """
+  """Vector-field evaluations of ``num_steps`` attempted explicit RK steps: stages per step, FSAL's reused last
+  stage counted once plus the first f(t0, y0)."""
   tableau = solver.tableau
   if tableau.fsal:
     return 1 + (tableau.num_stages - 1) * num_steps
@@ -95,27 +62,11 @@ def _evals(solver: diffrax.AbstractAdaptiveSolver, num_steps: Array) -> Array:
 def solve_per_sample(vector_field: Callable[[Array, Any, Any], Any], y0: Any, args: Any,
                      t0: float, t1: float, *, solver: diffrax.AbstractAdaptiveSolver,
                      rtol: float, atol: float, max_steps: int) -> tuple[Any, Array]:
-  """Solves dy/dt = vector_field(t, y, args) from t0 to t1 for each sample, with its own steps.
-
-  Args:
-    vector_field: (t scalar, y one sample's state pytree, args one sample's args) -> dy/dt.
-      It is called under ``jax.vmap``, so a batched model inside it runs once per stage for the
-      whole batch.
-    y0: pytree of initial states, each leaf (B, ...).
-    args: pytree of per-sample arguments, each leaf (B, ...) (or None).
-    t0, t1: start and end times (t1 < t0 integrates backwards).
-    solver: an explicit adaptive diffrax solver.
-    rtol, atol: tolerances of the PID controller (RMS norm over one sample's state).
-    max_steps: step budget per sample.
-
-  Returns:
-    (y1, nfe): the states at t1 (like y0) and the per-sample vector-field evaluation counts (B,)
-    int32. A solve that exhausts ``max_steps`` (or fails otherwise) raises a runtime error
-    (diffrax ``throw=True``) when the result is computed, rather than returning a wrong value.
-  """
+  """(y1, nfe (B,)): dy/dt = vector_field(t, y, args) from t0 to t1, ``jax.vmap``-ed so each sample (leaves of
+  y0 and args, (B, ...)) has its own steps (PID controller, RMS norm over the sample); exhausting
+  ``max_steps`` raises rather than returning a wrong value."""
   controller = diffrax.PIDController(rtol=rtol, atol=atol)
-  # First trial step: 1% of the interval; the controller adapts from there.
-  dt0 = 0.01 * (t1 - t0)
+  dt0 = 0.01 * (t1 - t0)  # the first trial step
 
   def one(y, a):
     sol = diffrax.diffeqsolve(diffrax.ODETerm(vector_field), solver, t0, t1, dt0, y, a,
@@ -134,32 +85,16 @@ def single(fn: Callable[[Array, Array], Array]) -> Callable[[Array, Array], Arra
 
 def get_ode_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, rtol: float = 1e-5,
                     atol: float = 1e-5, eps: float = 1e-3, denoise: bool = False,
-                    solver: str = "tsit5", max_steps: int = MAX_STEPS, **unknown) -> Callable:
-  """Builds a probability-flow ODE sampler ``sampler(key, score_fn, z=None, first_index=0)``.
+                    solver: str = "tsit5", max_steps: int = MAX_STEPS) -> Callable:
+  """``sampler(key, score_fn, z=None, first_index=0) -> (samples (B, ...), nfe)``: the PF-ODE from T to eps.
+
+  Sample i starts from the prior draw ``fold_in(key, first_index + i)``, or from ``z`` (B, ...) when given.
 
   Args:
-    sde: the forward SDE the score function belongs to.
-    shape: (B, ...) the shape of one batch of samples.
-    rtol, atol: per-sample tolerances of the adaptive solver.
-    eps: the time the solve stops at (the samples follow p_eps).
-    denoise: apply one Tweedie denoising step at eps, x_0 = (x + sigma_eps^2 s) / alpha_eps (the
-      mean of ``sde.ancestral_step`` from eps to 0 under the default grid discretisation, computed
-      from the marginals so that it holds for every discretisation); costs one more score
-      evaluation. (The original used one reverse-diffusion predictor step here.)
-    solver: one of ``SOLVERS``.
-    max_steps: step budget per sample; exhausting it raises a runtime error.
-    **unknown: rejected with a ``ValueError`` naming the valid options.
-
-  Returns:
-    ``sampler(key, score_fn, z=None, first_index=0) -> (samples (B, ...), nfe int32 scalar)``.
-    Without ``z`` sample i starts from a prior draw with key ``fold_in(key, first_index + i)``,
-    so it does not depend on the batch size (use ``first_index`` to continue a sequence across
-    batches); with ``z`` (B, ...) the sampler decodes those latents (``key`` may be None), by
-    the same compiled program. ``nfe`` is the number of batched score evaluations made: the
-    maximum over samples of each sample's count (+1 with ``denoise``), since the vmapped solve
-    runs until its slowest sample is done.
+    rtol, atol: per-sample tolerances of the adaptive ``solver`` (one of ``SOLVERS``).
+    denoise: end with Tweedie's E[x_0 | x_eps] (``sde.tweedie``), one more score evaluation.
+    max_steps: step budget per sample; exhausting it raises.
   """
-  reject_unknown(get_ode_sampler, unknown, "the ODE sampler")
   shape = tuple(int(s) for s in shape)
   if len(shape) < 2 or min(shape) < 1:
     raise ValueError(f"shape must be (B, ...) with positive sizes and at least 2 axes, got {shape}.")
@@ -179,10 +114,9 @@ def get_ode_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, rtol: float = 1
     x, nfe = solve_per_sample(lambda t, x, _: drift(x, t), z, None, sde.T, eps,
                               solver=ode_solver, rtol=rtol, atol=atol, max_steps=max_steps)
     nfe = jnp.max(nfe)
-    if denoise:  # Tweedie: E[x_0 | x_eps] = (x + sigma_eps^2 s) / alpha_eps.
+    if denoise:
       t_eps = jnp.full((shape[0],), eps, x.dtype)
-      alpha, sigma = sde.alpha_sigma(t_eps)
-      x = sde_lib.batch_mul(1.0 / alpha, x + sde_lib.batch_mul(sigma**2, score_fn(x, t_eps)))
+      x = sde_lib.tweedie(x, score_fn(x, t_eps), *sde.alpha_sigma(t_eps))
       nfe = nfe + 1
     return x, nfe
 
@@ -202,5 +136,5 @@ def get_ode_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, rtol: float = 1
   return sampler
 
 
-__all__ = ["MAX_STEPS", "SOLVERS", "check_tolerances", "get_ode_sampler", "get_solver", "reject_unknown",
+__all__ = ["MAX_STEPS", "SOLVERS", "check_tolerances", "get_ode_sampler", "get_solver",
            "single", "solve_per_sample"]

@@ -3,33 +3,13 @@
     sampler = get_pc_sampler(sde, (B, ...), predictor="reverse_diffusion", corrector="langevin")
     samples, nfe = sampler(key, score_fn)
 
-Time grid. t_i = linspace(T, eps, num_steps); at each t_i the corrector runs first, then the
-predictor steps from t_i to t_{i+1}, with t_{num_steps} = 0: every step has the grid spacing
-dt = (T - eps) / (num_steps - 1) except the last, eps -> 0, which lands on clean data (for the
-chain predictors this is what ``sde.step_levels`` does for any step reaching t <= 0; for
-Euler–Maruyama it stops the last step from running past t = 0). With ``num_steps == 1`` the
-single step goes from T straight to 0. ``denoise`` returns the last predictor's mean (the last
-noise injection dropped); with predictor ``none`` there is no predictor mean and the last state is
-returned as it is (as in the original: a Langevin mean x + eps s is not a denoiser and would
-shrink the samples).
-
-Randomness. Sample i of a call with ``first_index`` f draws everything (its prior sample, then
-the noise of every step from a chain of splits) from fold_in(key, f + i) alone. So, unless the
-batch-averaged Langevin step couples the samples (use ``step_rule="per_sample"``), sample i is
-the same whatever the batch size, and drawing a large set in chunks with
-``first_index = 0, B, 2B, ...`` reproduces one big batch (bitwise, if the score function is itself
-batch-invariant).
-
-Projection. ``sampler(..., projection=p)`` (``sampling.projection``) constrains part of the state,
-for inpainting and colourisation: p.init on the prior draw, then p after each corrector update (at
-t_i) and each predictor update (at t_{i+1}, clean data after the last step); the predictor's mean
-is projected at noise 0 (its known part is alpha_{t_{i+1}} times the data), so ``denoise`` returns
-the mean in the free part and the constraint in the rest. A ``none`` update is not followed by a
-projection. The returned samples get a last projection at (1, 0).
+Grid t_i = linspace(T, eps, num_steps); at each t_i the corrector, then the predictor to t_{i+1} (t_n = 0).
+Sample i draws everything from fold_in(key, first_index + i). Grid, randomness, projection: ``docs/samplers.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Callable
 
@@ -39,7 +19,7 @@ import jax.numpy as jnp
 
 from score_sde import sde as sde_lib
 from score_sde.sampling import projection as projection_lib
-from score_sde.sampling.correctors import CORRECTORS, STEP_RULES
+from score_sde.sampling.correctors import CORRECTORS
 from score_sde.sampling.predictors import PREDICTORS
 
 Array = jax.Array
@@ -51,46 +31,41 @@ def _split(keys: Array, num: int) -> tuple[Array, ...]:
   return tuple(jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, num))(keys), 1, 0))
 
 
+def _build(table: dict[str, type], kind: str, name: str, options: dict, defaults: dict, strict: tuple[str, ...]):
+  """``table[name]`` built with the options it declares. Options it lacks do not apply to it, except that one
+  of ``strict`` set away from its default is refused (e.g. ``probability_flow`` for ancestral sampling)."""
+  if name not in table:
+    raise ValueError(f"Unknown {kind} {name!r}; valid choices: {sorted(table)}.")
+  declared = lambda cls: {f.name for f in dataclasses.fields(cls)}
+  refused = sorted(k for k in strict if k not in declared(table[name]) and options[k] != defaults[k])
+  if refused:
+    takers = sorted(other for other, cls in table.items() if set(refused) <= declared(cls))
+    raise ValueError(f"The {kind} {name!r} has no {refused}; set it back to {[defaults[k] for k in refused]}, or "
+                     f"choose a {kind} that has it: {takers}.")
+  return table[name](**{k: v for k, v in options.items() if k in declared(table[name])})
+
+
 def get_pc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, predictor: str = "reverse_diffusion",
                    corrector: str = "langevin", snr: float = 0.16, n_steps: int = 1,
                    probability_flow: bool = False, denoise: bool = True, eps: float = 1e-3,
-                   num_steps: int | None = None, step_rule: str = "batch", **unknown) -> Sampler:
-  """Builds ``sampler(key, score_fn, first_index=0, projection=None) -> (samples, nfe)``.
+                   num_steps: int | None = None, step_rule: str = "batch") -> Sampler:
+  """``sampler(key, score_fn, first_index=0, projection=None) -> (samples (B, ...), nfe)``.
 
   Args:
-    sde: the forward SDE the score function belongs to.
-    shape: shape of one batch of samples, (B, ...).
-    predictor: a name in ``PREDICTORS``.
-    corrector: a name in ``CORRECTORS``.
-    snr: the corrector's signal-to-noise ratio.
-    n_steps: corrector steps per grid point.
-    probability_flow: predict with the probability-flow ODE instead of the reverse SDE.
-    denoise: return the mean of the last step (no noise added at t = 0).
-    eps: the last grid time; the sampler then steps from eps to 0.
-    num_steps: grid points (predictor steps); defaults to ``sde.N``.
-    step_rule: the Langevin step-size rule, ``"batch"`` (the original's) or ``"per_sample"``.
-    **unknown: rejected with a ``ValueError`` naming the valid options.
-
-  Returns:
-    ``sampler(key, score_fn, first_index=0, projection=None)``: ``key`` a PRNG key,
-    ``score_fn(x (B, ...), t (B,))`` any score function (arrays inside a pytree callable such as
-    ``jax.tree_util.Partial`` are traced, so new parameters reuse the compiled program),
-    ``first_index`` the global index of the first sample, ``projection`` an optional
-    ``sampling.projection.Projection`` (a pytree; see the module docstring). Returns samples of
-    ``shape`` and ``nfe``, the int32 number of score evaluations made (the same for every sample).
+    predictor, corrector: names in ``PREDICTORS`` / ``CORRECTORS``, built with the options they declare:
+      ``probability_flow`` (euler_maruyama, reverse_diffusion), ``snr`` and ``n_steps`` (corrector steps per grid
+      point) of the correctors, ``step_rule`` (langevin: ``batch`` or ``per_sample``).
+    denoise: return the last predictor's mean (no noise at t = 0).
+    eps: the last grid time; num_steps: grid points (default ``sde.N``).
   """
-  if unknown:
-    valid = [p for p in inspect.signature(get_pc_sampler).parameters if p not in ("sde", "shape", "unknown")]
-    raise ValueError(f"Unknown option(s) {sorted(unknown)} for the PC sampler; valid options: {valid}.")
-  if predictor not in PREDICTORS:
-    raise ValueError(f"Unknown predictor {predictor!r}; valid choices: {sorted(PREDICTORS)}.")
-  if corrector not in CORRECTORS:
-    raise ValueError(f"Unknown corrector {corrector!r}; valid choices: {sorted(CORRECTORS)}.")
   if predictor == "none" and corrector == "none":
     raise ValueError("predictor='none' with corrector='none' would not sample at all; choose a predictor "
                      f"from {sorted(PREDICTORS)} or a corrector from {sorted(CORRECTORS)}.")
-  if step_rule not in STEP_RULES:
-    raise ValueError(f"Unknown step_rule {step_rule!r}; valid choices: {STEP_RULES}.")
+  defaults = {name: p.default for name, p in inspect.signature(get_pc_sampler).parameters.items()}
+  pred = _build(PREDICTORS, "predictor", predictor, {"probability_flow": bool(probability_flow)}, defaults,
+                strict=("probability_flow",))
+  corr = _build(CORRECTORS, "corrector", corrector, {"snr": snr, "n_steps": n_steps, "step_rule": step_rule},
+                defaults, strict=())
   num_steps = sde.N if num_steps is None else num_steps
   if int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f"num_steps must be a positive integer, got {num_steps}.")
@@ -100,8 +75,6 @@ def get_pc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, predictor: str =
   if len(shape) < 2 or min(shape) < 1:
     raise ValueError(f"shape must be (B, ...) with a batch axis and an event shape, got {shape}.")
   num_steps = int(num_steps)
-  pred = PREDICTORS[predictor](probability_flow=bool(probability_flow))
-  corr = CORRECTORS[corrector](snr=snr, n_steps=n_steps, step_rule=step_rule)
   # Grid times t_0 = T > ... > t_{n-1} = eps, and the step lengths t_i - t_{i+1} with t_n = 0.
   grid = jnp.linspace(sde.T, eps, num_steps)
   steps = grid - jnp.append(grid[1:], 0.0)

@@ -22,7 +22,7 @@ Array = jax.Array
 ORDERS = (1, 2, 3)
 VARIANTS = ("bh1", "bh2")
 # UniC-p (order p + 1), UniC-1 on the new value alone (the exponential trapezoidal rule), or UniP-p alone.
-CORRECTORS = ("unic", "trapezoid", "none")
+UNIC_FORMS = ("unic", "trapezoid", "none")
 
 
 class Step(NamedTuple):
@@ -100,14 +100,14 @@ def get_unipc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 10
     denoise: spend one evaluation on Tweedie's denoiser at eps.
     variant: B(h), ``bh1`` or ``bh2``.
     lower_order_final: at most the number of steps left as the order of the last steps.
-    corrector: one of ``CORRECTORS``: ``unic`` (UniPC), ``trapezoid`` (UniC-1 after UniP-p) or
+    corrector: one of ``UNIC_FORMS``: ``unic`` (UniPC), ``trapezoid`` (UniC-1 after UniP-p) or
       ``none`` (UniP-p alone).
   """
   steps = fixed_budget.solver_steps("unipc", nfe, denoise, order, ORDERS)
   if variant not in VARIANTS:
     raise ValueError(f"Unknown variant {variant!r}; valid choices: {VARIANTS}.")
-  if corrector not in CORRECTORS:
-    raise ValueError(f"Unknown corrector {corrector!r}; valid choices: {CORRECTORS}.")
+  if corrector not in UNIC_FORMS:
+    raise ValueError(f"Unknown corrector {corrector!r}; valid choices: {UNIC_FORMS}.")
   lv = fixed_budget.grid(sde, time_grid, steps, eps, rho)
   orders = fixed_budget.multistep_orders(steps, order, lower_order_final)
   constants = _constants(lv, orders, order, variant, corrector)
@@ -133,7 +133,7 @@ def get_unipc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, nfe: int = 10
     y = last.decay * y + jnp.tensordot(last.predictor_weights, history, axes=1)
     return project(y, last.index, last.sigma_tilde_next)
 
-  return fixed_budget.build_sampler(sde, shape, solve, constants, nfe=nfe, eps=eps, denoise=denoise)
+  return fixed_budget.make_sampler(sde, shape, solve, constants, nfe=nfe, eps=eps, denoise=denoise)
 
 
-__all__ = ["CORRECTORS", "ORDERS", "Step", "VARIANTS", "get_unipc_sampler"]
+__all__ = ["UNIC_FORMS", "ORDERS", "Step", "VARIANTS", "get_unipc_sampler"]
