@@ -24,6 +24,7 @@ import pytest
 
 from score_sde import models
 from score_sde.models import classifier as classifier_lib
+from score_sde.models import dequantizer as dequantizer_lib
 from score_sde import builders
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -65,7 +66,8 @@ def build(name):
 
 
 def network_name(config):
-  return config.classifier.name if config.training.objective == "classifier" else config.model.name
+  return {"classifier": config.classifier.name, "dequantizer": "dequantizer"}.get(config.training.objective,
+                                                                                  config.model.name)
 
 
 def batch_of(config, images):
@@ -79,8 +81,10 @@ def test_config_validates_and_builds(name):
   config, model, fns, _ = build(name)
   assert config.model.name in models.MODELS
   # The network is the one the config names, and every attribute with a key in its section has the config's value.
-  classifier = config.training.objective == "classifier"
-  section, table = (config.classifier, classifier_lib.CLASSIFIERS) if classifier else (config.model, models.MODELS)
+  objective = config.training.objective
+  section, table = {"classifier": (config.classifier, classifier_lib.CLASSIFIERS),
+                    "dequantizer": (config.dequantizer, {"dequantizer": dequantizer_lib.VariationalDequantizer}),
+                    "score": (config.model, models.MODELS)}[objective]
   assert type(model) is table[network_name(config).lower()]
   for field in dataclasses.fields(model):
     if field.name not in ("parent", "name") and field.name in section:
