@@ -296,9 +296,11 @@ def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
     mask = _gather(sharded["mask"])
     for pair in pairs:
       args = (jax.random.fold_in(key, j), score_fn, sharded["image"], dequantizers.get(pair[1]))
-      if pair not in compiled:  # compiled ahead of time, so the rate counts the solves only
+      if pair not in compiled:  # compiled ahead of time (once per program and shapes): the rate counts solves only
         started = time.perf_counter()
-        compiled[pair] = programs[pair[0]].lower(*args).compile()
+        signature = (id(programs[pair[0]]), jax.tree.structure(args), tuple(jax.tree.map(
+            lambda a: (a.shape, a.dtype), jax.tree.leaves(args))))
+        compiled[pair] = _program(("likelihood-compiled", signature), lambda: programs[pair[0]].lower(*args).compile())
         compile_seconds[pair] = time.perf_counter() - started
       started = time.perf_counter()
       out, nfe = jax.block_until_ready(compiled[pair](*args))

@@ -46,24 +46,23 @@ def test_every_estimator_and_dequantizer_on_every_example(score_run, tmp_path):
   default = evaluate.likelihood(config, workdir, tmp_path / "default")
   config = config.copy_and_resolve_references()
   config.eval.update(likelihood_estimators=("ode", "bound"), dequantizers=("uniform", "truncated_normal"),
-                     importance_samples=2, bound_time_samples=3)
+                     bound_time_samples=3)
   builders.validate(config)
   result = evaluate.likelihood(config, workdir, tmp_path / "table")
   assert [(r["estimator"], r["dequantizer"]) for r in result["rows"]] == [
       ("ode", "uniform"), ("ode", "truncated_normal"), ("bound", "uniform"), ("bound", "truncated_normal")]
   for row in result["rows"]:
     assert np.isfinite(row["mean"]) and row["sem"] > 0 and row["examples_per_second"] > 0
-  assert result["rows"][2]["nfe"] == 2 * 3                     # K importance samples x time samples
+  assert result["rows"][2]["nfe"] == 3                         # time samples per example
   with np.load(result["npz"]) as data:
     for name in ("ode_uniform", "ode_truncated_normal", "bound_uniform", "bound_truncated_normal"):
       assert data[f"values_{name}"].shape == (100,)
-    assert json.loads(str(data["settings"]))["eval"]["importance_samples"] == 2
-  # With one importance sample the default row is the number the framework always reported: the same noise,
-  # the same probes (K = 2 adds a second sample, so it moves).
-  one = config.copy_and_resolve_references()
-  one.eval.update(likelihood_estimators=("ode", "bound"), importance_samples=1)
-  again = evaluate.likelihood(one, workdir, tmp_path / "one")
-  np.testing.assert_array_equal(again["row_values"]["ode_uniform"], default["values"])
+    assert json.loads(str(data["settings"]))["eval"]["bound_time_samples"] == 3
+  # The default row is the number the framework always reported: the same noise, the same probes.
+  np.testing.assert_array_equal(result["row_values"]["ode_uniform"], default["values"])
+  # Rows share the examples and the noise: the difference to the first row is paired.
+  difference = result["row_values"]["bound_uniform"] - default["values"]
+  assert result["rows"][2]["difference"] == pytest.approx(float(np.mean(difference.astype(np.float64))), rel=1e-6)
   # The same command again reads the table back.
   kept = evaluate.likelihood(config, workdir, tmp_path / "table")
   assert kept["kept"] and kept["rows"] == json.loads(json.dumps(result["rows"]))

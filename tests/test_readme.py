@@ -8,6 +8,7 @@ reason; every README command is either run or listed, and every listed entry mus
 README, so a new command is run as soon as it is written.
 """
 
+import json
 import os
 import pathlib
 import re
@@ -74,13 +75,38 @@ def test_every_readme_command_is_run_or_listed_with_a_reason():
     assert any(key in command for command in commands), f"NOT_RUN lists {key!r}, which the README no longer has"
 
 
+# Runs main.py's entry point for each command in one process (JAX is imported once, compiled programs are
+# shared), resetting absl's flags between commands; records each command's exit status and last output.
+_DRIVER = """
+import contextlib, io, json, sys, traceback
+import main
+from absl import flags
+out = []
+for argv in json.loads(sys.argv[1]):
+  flags.FLAGS.unparse_flags()
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # a config's own override flags
+    delattr(flags.FLAGS, name)
+  sys.argv, err, code = ["main.py"] + argv, io.StringIO(), 0
+  with contextlib.redirect_stderr(err):
+    try:
+      main.entry_point()
+    except SystemExit as e:
+      code = e.code or 0
+    except BaseException:
+      err.write(traceback.format_exc())
+      code = "escaped"
+  out.append({"code": code, "stderr": err.getvalue()[-3000:]})
+  if code:
+    break
+print(json.dumps(out))
+"""
+
+
 @pytest.mark.slow
 def test_readme_commands_run(tmp_path):
   (tmp_path / "main.py").symlink_to(ROOT / "main.py")
   (tmp_path / "configs").symlink_to(ROOT / "configs")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=helpers.FAST_COMPILE_FLAGS,
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  ran = 0
+  commands, argvs = [], []
   for command in readme_commands():
     if _not_run(command):
       continue
@@ -90,8 +116,14 @@ def test_readme_commands_run(tmp_path):
     tiny = next((overrides for prefix, overrides in TINY.items() if config.startswith(prefix)), ())
     if "--mode" in args and args[args.index("--mode") + 1] == "summary":
       tiny = ()
-    proc = subprocess.run([sys.executable, *args[1:], *tiny], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
-    ran += 1
-  assert ran >= 12
+    commands.append(command)
+    argvs.append([*args[2:], *tiny])
+  assert len(commands) >= 12
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=helpers.FAST_COMPILE_FLAGS)
+  proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(argvs)], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(proc.stdout.strip().splitlines()[-1])
+  for command, result in zip(commands, results):
+    assert result["code"] == 0, f"{command}\n{result['stderr']}"
+  assert len(results) == len(commands)
