@@ -167,8 +167,8 @@ class GaussianMixture:
     """Exact samples of p_t (or of p_0 with ``sde=None``), (n, *event_shape)."""
     k_comp, k_x0, k_noise = jax.random.split(key, 3)
     comp = jax.random.categorical(k_comp, jnp.log(self.weights), shape=(n,))
-    eps = jax.random.normal(k_x0, (n, self.dim))
-    x0 = self.means[comp] + jnp.einsum("bij,bj->bi", self.eigvecs[comp], jnp.sqrt(self.eigvals[comp]) * eps)
+    z = jax.random.normal(k_x0, (n, self.dim))
+    x0 = self.means[comp] + jnp.einsum("bij,bj->bi", self.eigvecs[comp], jnp.sqrt(self.eigvals[comp]) * z)
     alpha, sigma = self._coeffs(sde, t, n)
     xt = alpha[:, None] * x0 + sigma[:, None] * jax.random.normal(k_noise, (n, self.dim))
     return xt.reshape((n,) + self.event_shape)

@@ -176,9 +176,9 @@ def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
   """Adam with warm-up and clipping from ``config.optim`` (``losses.get_optimizer``); a dequantiser run
   updates its flow only (the score model in ``params["score"]`` stays frozen)."""
   o = config.optim
-  with _fields(config, {k: f"optim.{k}" for k in ("optimizer", "lr", "warmup", "grad_clip", "weight_decay",
-                                                  "eps", "beta1", "beta2")}):
-    adam = losses.get_optimizer(lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
+  with _fields(config, {**{k: f"optim.{k}" for k in ("optimizer", "lr", "warmup", "grad_clip", "weight_decay",
+                                                     "beta1", "beta2")}, "adam_eps": "optim.eps"}):
+    adam = losses.get_optimizer(lr=o.lr, beta1=o.beta1, beta2=o.beta2, adam_eps=o.eps, weight_decay=o.weight_decay,
                                 warmup=o.warmup, grad_clip=o.grad_clip, optimizer=o.optimizer)
   if config.training.objective != "dequantizer":
     return adam

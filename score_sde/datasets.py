@@ -71,8 +71,8 @@ def _sample_mixture(params: tuple[np.ndarray, np.ndarray, np.ndarray], rng: np.r
   """Exact draws from sum_k w_k N(mu_k, Sigma_k); the label is the component k."""
   weights, means, covs = params
   k = rng.choice(len(weights), size=n, p=weights)
-  eps = rng.standard_normal((n, means.shape[1]))
-  x = means[k] + np.einsum("nij,nj->ni", np.linalg.cholesky(covs)[k], eps)
+  z = rng.standard_normal((n, means.shape[1]))
+  x = means[k] + np.einsum("nij,nj->ni", np.linalg.cholesky(covs)[k], z)
   return x.astype(np.float32), k.astype(np.int32)
 
 

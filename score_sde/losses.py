@@ -253,7 +253,7 @@ def get_lr_schedule(lr: float, warmup: int) -> optax.Schedule:
 _OPTIMIZERS = ("adam",)
 
 
-def get_optimizer(lr: float = 2e-4, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+def get_optimizer(lr: float = 2e-4, beta1: float = 0.9, beta2: float = 0.999, adam_eps: float = 1e-8,
                   weight_decay: float = 0.0, warmup: int = 5000, grad_clip: float = 1.0,
                   optimizer: str = "adam") -> optax.GradientTransformation:
   """Global-norm clipping (off for ``grad_clip < 0``), then Adam at lr min(step / warmup, 1) (the original's
@@ -265,9 +265,9 @@ def get_optimizer(lr: float = 2e-4, beta1: float = 0.9, beta2: float = 0.999, ep
                      "value (e.g. -1) to disable clipping.")
   schedule = get_lr_schedule(lr, warmup)
   if weight_decay > 0:
-    adam = optax.adamw(schedule, b1=beta1, b2=beta2, eps=eps, weight_decay=weight_decay)
+    adam = optax.adamw(schedule, b1=beta1, b2=beta2, eps=adam_eps, weight_decay=weight_decay)
   elif weight_decay == 0:
-    adam = optax.adam(schedule, b1=beta1, b2=beta2, eps=eps)
+    adam = optax.adam(schedule, b1=beta1, b2=beta2, eps=adam_eps)
   else:
     raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
   return adam if grad_clip < 0 else optax.chain(optax.clip_by_global_norm(grad_clip), adam)

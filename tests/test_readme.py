@@ -84,8 +84,8 @@ from absl import flags
 out = []
 for argv in json.loads(sys.argv[1]):
   flags.FLAGS.unparse_flags()
-  for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # a config's own override flags
-    delattr(flags.FLAGS, name)
+  for flag in [n for n in flags.FLAGS if n.startswith("config.")]:  # a config's own override flags
+    delattr(flags.FLAGS, flag)
   sys.argv, err, code = ["main.py"] + argv, io.StringIO(), 0
   with contextlib.redirect_stderr(err):
     try:

@@ -1,7 +1,7 @@
 """A variational dequantiser q(u | x) for 8-bit data: a small conditional flow (Flow++-style, affine).
 
-    eps ~ Logistic(0, 1)^D,   v = f_L o ... o f_1(eps; x),   u = sigmoid(v) in [0, 1)^D,
-    log q(u | x) = log p(eps) - sum_l log|det df_l / dv| - sum log sigmoid'(v).
+    n ~ Logistic(0, 1)^D,   v = f_L o ... o f_1(n; x),   u = sigmoid(v) in [0, 1)^D,
+    log q(u | x) = log p(n) - sum_l log|det df_l / dv| - sum log sigmoid'(v).
 
 Each of ``num_steps`` steps is an elementwise affine map conditioned on x, v <- v exp(a(x)) + b(x),
 then an affine coupling, v <- m v + (1 - m)(v exp(a(x, m v)) + b(x, m v)), with the mask m the
@@ -75,11 +75,11 @@ class VariationalDequantizer(nn.Module):
   max_log_scale: float = 3.0
 
   @nn.compact
-  def __call__(self, eps: Array, x: Array) -> tuple[Array, Array]:
-    """u = sigmoid(flow(eps; x)) (B, ...) and log q(u | x) (B,), for eps (B, ...) and integer x (B, ...)."""
+  def __call__(self, noise: Array, x: Array) -> tuple[Array, Array]:
+    """u = sigmoid(flow(noise; x)) (B, ...) and log q(u | x) (B,), for logistic noise (B, ...) and integer x."""
     x_in = x.astype(jnp.float32) / 127.5 - 1.0
     parity = (jnp.arange(math.prod(x.shape[1:])) % 2).reshape(x.shape[1:]).astype(jnp.float32)
-    v, log_q = eps, _logistic_logp(eps)
+    v, log_q = noise, _logistic_logp(noise)
     clamp = lambda a: self.max_log_scale * jnp.tanh(a / self.max_log_scale)
     for step in range(self.num_steps):
       # Elementwise affine map conditioned on x.
@@ -97,8 +97,8 @@ class VariationalDequantizer(nn.Module):
   def sample_and_log_prob(self, key: Array, x: Array) -> tuple[Array, Array]:
     """(u (B, ...) in [0, 1), log q(u | x) (B,)); example i draws its noise from ``fold_in(key, i)``."""
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(x.shape[0]))
-    eps = jax.vmap(lambda k: jax.random.logistic(k, x.shape[1:]))(keys)
-    return self(eps, x)
+    noise = jax.vmap(lambda k: jax.random.logistic(k, x.shape[1:]))(keys)
+    return self(noise, x)
 
 
 __all__ = ["VariationalDequantizer"]

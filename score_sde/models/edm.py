@@ -3,7 +3,7 @@
 Every SDE here has x_t = alpha_t x_0 + sigma_t eps. Three equivalent outputs of a model are
 
 * the score s = grad_x log p_t(x);
-* the noise prediction eps^ = E[eps | x_t] = -sigma_t s;
+* the noise prediction epsilon^ = E[eps | x_t] = -sigma_t s;
 * the denoiser D = E[x_0 | x_t] = (x + sigma_t^2 s) / alpha_t (Tweedie's formula),
 
 and the functions below convert between them (``alpha``, ``sigma`` of shape (B,), arrays (B, ...)).
@@ -53,22 +53,22 @@ def score_from_denoiser(denoised: Array, x: Array, alpha: Array, sigma: Array) -
 
 
 def noise_from_score(score: Array, sigma: Array) -> Array:
-  """eps^ = -sigma s."""
+  """epsilon^ = -sigma s."""
   return sde_lib.batch_mul(-sigma, score)
 
 
 def score_from_noise(noise: Array, sigma: Array) -> Array:
-  """s = -eps^ / sigma."""
+  """s = -epsilon^ / sigma."""
   return sde_lib.batch_mul(-1.0 / sigma, noise)
 
 
 def denoiser_from_noise(noise: Array, x: Array, alpha: Array, sigma: Array) -> Array:
-  """D = (x - sigma eps^) / alpha."""
+  """D = (x - sigma epsilon^) / alpha."""
   return sde_lib.batch_mul(1.0 / alpha, x - sde_lib.batch_mul(sigma, noise))
 
 
 def noise_from_denoiser(denoised: Array, x: Array, alpha: Array, sigma: Array) -> Array:
-  """eps^ = (x - alpha D) / sigma."""
+  """epsilon^ = (x - alpha D) / sigma."""
   return sde_lib.batch_mul(1.0 / sigma, x - sde_lib.batch_mul(alpha, denoised))
 
 
