@@ -17,6 +17,7 @@ def mixture():
 
 @pytest.mark.parametrize("sde", [sde_lib.VPSDE(), sde_lib.SubVPSDE(), sde_lib.VESDE(sigma_max=4.0)],
                          ids=["vp", "subvp", "ve"])
+@pytest.mark.slow
 def test_log_prob_matches_scipy_and_score_is_its_gradient(mixture, sde):
   x = mixture.sample(jax.random.key(0), 7, 0.4, sde)
   t = jnp.full((7,), 0.4)

@@ -146,6 +146,7 @@ def estimates():
   return mu, sigma, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SDES))
 def test_bound_of_the_exact_score_matches_the_closed_form(estimates, name):
   mu, sigma, out = estimates

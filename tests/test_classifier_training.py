@@ -46,6 +46,7 @@ def run(tmp_path_factory):
   return config, train.train(config, tmp_path_factory.mktemp("classifier"))
 
 
+@pytest.mark.slow
 def test_classifier_run_logs_loss_and_accuracy_and_learns(run):
   _, result = run
   assert result.step == N_ITERS

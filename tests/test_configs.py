@@ -93,6 +93,7 @@ def test_config_validates_and_builds(name):
   assert all(callable(fn) for fn in fns)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TOY)
 def test_one_train_step_of_each_toy_config(name):
   config, _, (init_state, train_fn, eval_fn), batch_shape = build(name)
@@ -108,6 +109,7 @@ def test_one_train_step_of_each_toy_config(name):
   assert any(jax.tree.leaves(changed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TRACED))
 def test_train_step_shapes_of_each_architecture(name):
   config, _, (init_state, train_fn, _), batch_shape = build(name)

@@ -529,6 +529,7 @@ def test_dataset_tool_tfrecords_without_tensorflow(tmp_path):
     datasets.TFRecordSource([tmp_path / "bad.tfrecords"])
 
 
+@pytest.mark.slow
 def test_an_image_folder_of_mixed_sizes_and_modes_trains(tmp_path):
   from score_sde import train  # pylint: disable=g-import-not-at-top
   _mixed_folder(tmp_path / "photos", np.random.default_rng(2))

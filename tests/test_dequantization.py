@@ -111,6 +111,7 @@ def test_an_untrained_flow_is_uniform_dequantisation():
   np.testing.assert_allclose(u[1], jax.nn.sigmoid(eps), rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(3, 4), (2, 2, 2, 3)], ids=["vector", "image"])
 def test_flow_log_density_is_its_change_of_variables(shape):
   module = dequantizer_lib.VariationalDequantizer(features=8)
@@ -151,6 +152,7 @@ def train(case, nll_fn, steps=200):
   return dq.variational(module, state.params)
 
 
+@pytest.mark.slow
 def test_a_variational_dequantiser_trained_on_the_density_beats_uniform(case, uniform_gap):
   gm = case[0]
   trained = train(case, lambda key, y: -gm.log_prob(y))
@@ -171,6 +173,7 @@ def test_a_variational_dequantiser_trained_on_the_bound_of_a_frozen_score_beats_
   assert g_uniform - g_var > 5 * math.hypot(se_var, se_uniform), (g_var, g_uniform)
 
 
+@pytest.mark.slow
 def test_bpd_fn_reproduces_the_likelihood_modules_bits_per_dim():
   sde = sde_lib.VPSDE()
   gm = pixel_mixture(2.0, -1.0)
@@ -186,6 +189,7 @@ def test_bpd_fn_reproduces_the_likelihood_modules_bits_per_dim():
   assert aux["log_weights"].shape == (4, 1) and int(aux["nfe"]) == int(nfe)
 
 
+@pytest.mark.slow
 def test_bpd_fn_with_the_bound_and_importance_samples():
   sde = sde_lib.VPSDE()
   gm = pixel_mixture(2.0, -1.0)

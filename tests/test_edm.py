@@ -141,6 +141,7 @@ def test_edm_loss_of_the_exact_denoiser_on_gaussian_data_is_one_per_dimension():
     assert float(loss_fn(key, {"std": wrong}, batch)[0]) > float(loss) + 4 * np.sqrt(2 / dim / b)
 
 
+@pytest.mark.slow
 def test_edm_loss_trains_the_preconditioned_network_through_the_builder():
   sde, gm = SDES["ve"], analytic.GaussianMixture.random(seed=4, dim=2)
   net = OracleNet(gm, 0.5)

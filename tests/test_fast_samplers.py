@@ -101,6 +101,7 @@ ORDER_CASES = [
 @pytest.mark.parametrize("method,options,budgets,bounds", ORDER_CASES,
                          ids=[f"{m}-{o.get('order', '')}{o.get('corrector', '')}{o.get('solver_type', '')}"
                               for m, o, _, _ in ORDER_CASES])
+@pytest.mark.slow
 def test_each_solver_converges_with_its_order(name, method, options, budgets, bounds):
   errors_ = errors(name, method, budgets, **options)
   measured = -np.polyfit(np.log(budgets), np.log(errors_), 1)[0]
@@ -206,6 +207,7 @@ NFE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,options", NFE_CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(NFE_CASES)])
 def test_nfe_is_exactly_the_budget(method, options):
   sde, calls = SDES["vp"], []

@@ -87,6 +87,7 @@ def _nan_from(monkeypatch, first, last=None):
   monkeypatch.setattr(parallel, "shard_batch", with_nan)
 
 
+@pytest.mark.slow
 def test_skip_policy_in_the_loop_counts_and_logs_skipped_steps(tmp_path, monkeypatch, caplog):
   _nan_from(monkeypatch, 3, 3)
   caplog.set_level(logging.INFO, logger="absl")
@@ -99,6 +100,7 @@ def test_skip_policy_in_the_loop_counts_and_logs_skipped_steps(tmp_path, monkeyp
   assert checkpoints.list_steps(tmp_path) == [4, 6, 8]
 
 
+@pytest.mark.slow
 def test_more_than_max_skipped_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
   _nan_from(monkeypatch, 3)
   with pytest.raises(FloatingPointError, match=r"Steps 3\.\.5 .*max_skipped=2 in a row.*state is that of step 2"):
@@ -136,6 +138,7 @@ def test_failed_save_names_the_directory_and_keeps_earlier_checkpoints(tmp_path,
 # --- SIGTERM -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   """main.py trains (for ever, as far as it knows); SIGTERM after its first step: a checkpoint, exit 0."""
   workdir, log = tmp_path / "run", tmp_path / "stderr.txt"

@@ -117,6 +117,7 @@ def test_classifier_free_guidance_combines_conditional_and_unconditional_scores(
 N, NFE = 1000, 20
 
 
+@pytest.mark.slow
 def test_classifier_guided_sampling_follows_the_labelled_component():
   sde, label = SDES["vp"], 2   # the lightest component (weight 0.2): unguided, 80% of samples miss it
   guided = guidance.classifier_guided_score(MIXTURE.score_fn(sde), exact_logit_fn("vp"), np.full(N, label), 1.0)

@@ -38,6 +38,7 @@ def exact_case(name, dim):
   return gm, x, logp, z, nfe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dim", [2, 64])
 @pytest.mark.parametrize("name", sorted(SDES))
 def test_exact_likelihood_matches_the_analytic_log_density_at_eps(name, dim):
@@ -50,6 +51,7 @@ def test_exact_likelihood_matches_the_analytic_log_density_at_eps(name, dim):
 
 @pytest.mark.parametrize("divergence,name,dim,probe_counts", [("rademacher", "vp", 64, (1, 4)),
                                                              ("gaussian", "ve", 2, (1,))])
+@pytest.mark.slow
 def test_hutchinson_estimates_are_unbiased_and_num_probes_averages(divergence, name, dim, probe_counts):
   sde, points, reps = SDES[name], 4, 64
   gm, x, exact, _, _ = exact_case(name, dim)
@@ -74,6 +76,7 @@ def test_hutchinson_estimates_are_unbiased_and_num_probes_averages(divergence, n
     assert 2.2 < ratio < 7.3, ratio
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,dim", [("vp", 64), ("ve", 2)])
 def test_decode_of_encode_returns_the_data(name, dim):
   sde, eps = SDES[name], test_sampling_ode.EPS
@@ -101,6 +104,7 @@ def pixel_mixture(scale, shift):
                                          event_shape=(2, 2, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale,shift,offset", [(1.0, 0.0, 8.0), (2.0, -1.0, 7.0)], ids=["[0,1]", "[-1,1]"])
 def test_bits_per_dim_of_dequantised_8bit_images(scale, shift, offset):
   sde = SDES["vp"]

@@ -41,6 +41,7 @@ def score_run(tmp_path_factory):
   return config, workdir
 
 
+@pytest.mark.slow
 def test_every_estimator_and_dequantizer_on_every_example(score_run, tmp_path):
   config, workdir = score_run
   default = evaluate.likelihood(config, workdir, tmp_path / "default")
@@ -68,6 +69,7 @@ def test_every_estimator_and_dequantizer_on_every_example(score_run, tmp_path):
   assert kept["kept"] and kept["rows"] == json.loads(json.dumps(result["rows"]))
 
 
+@pytest.mark.slow
 def test_the_bound_lies_above_the_ode_likelihood_of_the_same_model(score_run, tmp_path):
   """-B(x) <= log p: with many time samples the bound's bits/dim exceed the ODE's, example by example on average."""
   config, workdir = score_run
@@ -79,6 +81,7 @@ def test_the_bound_lies_above_the_ode_likelihood_of_the_same_model(score_run, tm
   assert gap.mean() > 4 * gap.std(ddof=1) / np.sqrt(len(gap)), (gap.mean(), gap.std())
 
 
+@pytest.mark.slow
 def test_a_variational_dequantizer_trains_resumes_and_enters_the_table(score_run, tmp_path):
   score_config, score_workdir = score_run
   config = digits_flow.get_config()
@@ -124,6 +127,7 @@ def test_a_dequantizer_without_its_score_model_is_refused_before_the_workdir_is_
     builders.validate(config)
 
 
+@pytest.mark.slow
 def test_uniform_dequantization_matches_the_likelihood_module(score_run):
   """The table's (ode, uniform) row is ``likelihood.get_bpd_fn`` itself: one bits/dim, two routes."""
   config, workdir = score_run

@@ -139,6 +139,7 @@ def test_reduction_and_discrete_time_grid(x0):
   assert_matches(aux_grid, np.mean(expected_dsm(sde, np.arange(sde.N) / (sde.N - 1))) / D)
 
 
+@pytest.mark.slow
 def test_likelihood_and_importance_weighting(sde, x0):
   """lambda = g^2: the plain and the importance-sampled estimators both match
   int g^2/sigma^2 (D - sigma^2 tr C^{-1}) dt / (T - eps); importance sampling has far lower variance
@@ -298,6 +299,7 @@ def gaussian_data(key, n):
   return TRUE_PARAMS["m"] + jnp.sqrt(jnp.exp(TRUE_PARAMS["log_l"])) * jax.random.normal(key, (n, 2))
 
 
+@pytest.mark.slow
 def test_jitted_steps_equal_single_steps_and_eval_leaves_state():
   """n_jitted_steps=k scans exactly the k single steps (same fold_in keys); eval uses ema_params,
   changes nothing, and its key is fold_in(base_key, step)."""
@@ -431,6 +433,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_step_runs_unchanged_on_a_sharded_batch():
   """The train step, jitted with the state donated (params and EMA do not share buffers), gives the
   same result when its batch is sharded over 4 (fake CPU) devices: the library names no device axis."""

@@ -209,6 +209,7 @@ def test_cli_show_traceback_shows_where_an_error_was_raised(tmp_path):
   assert proc.returncode != 0 and "Traceback" in proc.stderr and "builders.py" in proc.stderr
 
 
+@pytest.mark.slow
 def test_samples_do_not_depend_on_the_batch_size(toy_run, tmp_path):
   config, workdir = toy_run
   a = evaluate.sample(config, workdir, tmp_path / "a")
@@ -219,6 +220,7 @@ def test_samples_do_not_depend_on_the_batch_size(toy_run, tmp_path):
   np.testing.assert_allclose(a["samples"], b["samples"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_likelihood_and_eval_loss_count_every_example_once(toy_run, tmp_path):
   config, workdir = toy_run
   config = config.copy_and_resolve_references()
@@ -236,6 +238,7 @@ def test_likelihood_and_eval_loss_count_every_example_once(toy_run, tmp_path):
   assert loss["num_examples"] == 10_000 and np.isfinite(loss["loss"])
 
 
+@pytest.mark.slow
 def test_digits_bits_per_dim_on_every_test_image(tmp_path):
   config = digits_unet_continuous.get_config()
   t = config.training

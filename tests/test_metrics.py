@@ -76,6 +76,7 @@ def forward(weights):
   return images, pool3, logits
 
 
+@pytest.mark.slow
 def test_forward_shapes_and_logits_layer(weights, forward):
   state_dict = weights[0]
   _, pool3, logits = forward

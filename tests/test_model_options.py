@@ -80,6 +80,7 @@ def _outputs_and_grads(model, variables, x, train):
   return out, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(NETWORKS))
 def test_options_keep_the_parameter_tree(name):
   reference = _tree_signature(NETWORKS[name]())
@@ -90,6 +91,7 @@ def test_options_keep_the_parameter_tree(name):
 
 # Residual blocks + attention blocks of the tiny networks: DDPM++ 6 + 2 (attention in the middle
 # and on the way up at 4 px), DDPM 5 + 1 (one level, attention in the middle only).
+@pytest.mark.slow
 @pytest.mark.parametrize("name, blocks", [("ddpmpp", 8), ("ddpm", 6)])
 def test_remat_gives_the_same_outputs_and_gradients(name, blocks):
   # In training mode with dropout: the static ``train`` argument and the dropout masks get through.
@@ -109,6 +111,7 @@ def test_remat_gives_the_same_outputs_and_gradients(name, blocks):
     np.testing.assert_allclose(g_remat, g, rtol=1e-4, atol=1e-5 * scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ncsnpp", "ddpm", "ncsnv2", "ncsn"])
 def test_bfloat16_computes_in_bfloat16_and_returns_float32(name):
   plain, half = NETWORKS[name](), NETWORKS[name](dtype="bfloat16")
@@ -156,6 +159,7 @@ def _float32_statistics(model, variables, x):
     (functools.partial(ncsnv2.NCSNv2_256, nf=4, normalization="VarianceNorm", interpolation="nearest_neighbor"),
      12 + 6),
 ], ids=["unet", "ncsnv2_64_instancenorm", "ncsnv2_128_groupnorm", "ncsnv2_256_variancenorm"])
+@pytest.mark.slow
 def test_options_change_the_program_not_the_output_type(make, blocks):
   plain, remat, half = make(), make(remat=True), make(dtype="bfloat16")
   variables = _abstract_variables(plain)

@@ -82,6 +82,7 @@ def test_mlp_shapes_and_near_zero_init(model):
   assert np.all(np.isfinite(out)) and np.max(np.abs(out)) < 1e-3  # Output layer initialised near zero.
 
 
+@pytest.mark.slow
 def test_unet_shapes_and_near_zero_init():
   # 8x8x1, initialised: the zero-initialised output conv gives ~0.
   variables = wrapper.init_model(KEY, UNET, UNET_SHAPE)
@@ -107,6 +108,7 @@ def test_unet_maps_uncentred_inputs_to_unit_interval():
   assert not np.allclose(uncentred, _apply(centred_net, variables, x, labels), atol=1e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,shape", [(MLP, (64, 2)), (UNET, UNET_SHAPE)], ids=["mlp", "unet"])
 def test_dropout_only_in_train_mode(model, shape):
   variables = _random_variables(model, shape, 3)
@@ -144,6 +146,7 @@ def test_group_count_divides_channels(channels, groups):
   assert layers.num_groups(channels) == groups
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,groups", [((2, 8, 8, 12), 3), ((3, 4, 5, 6, 32), 32), ((2, 10, 16), 4), ((4, 8), 2)])
 def test_group_norm_matches_the_grouped_statistics(shape, groups):
   """Against float64 statistics over the grouped axes; gradients against flax's GroupNorm."""

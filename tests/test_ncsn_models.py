@@ -423,6 +423,7 @@ def test_outputs_match_the_authors_pytorch_networks(cls, labels, pixels, abs_mea
   np.testing.assert_allclose(np.abs(out).mean(axis=(1, 2, 3)), abs_means, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_every_parameter_receives_a_finite_gradient():
   model = ncsnv2.NCSNv2(**SMALL)
   variables = _random_variables(model, SMALL_SHAPE, scale=0.1)
@@ -589,6 +590,7 @@ def test_config_tables_cover_every_config_file():
   assert files == set(CONFIGS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_config_reproduces_the_original_and_builds_its_network(name):
   network, count, num_scales, sigma_max, ema_rate, snr, n_steps, lr = CONFIGS[name]

@@ -70,6 +70,7 @@ def load_fixture(case: str):
 # --- parity with the reference implementation -----------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", FIXTURE_CASES)
 def test_reference_outputs_are_reproduced(case):
   config, model, io, ckpt = load_fixture(case)
@@ -149,6 +150,7 @@ ORIGINAL_MILLIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_builds_its_model(name):
   config = importlib.import_module(name).get_config()
@@ -334,6 +336,7 @@ def test_upfirdn_matches_its_definition(up, down, pad):
 
 @pytest.mark.parametrize("up, down, pad", [(2, 1, (2, 1)), (1, 2, (1, 1)), (3, 2, (1, 2)), (1, 1, (-1, 2)),
                                            (2, 1, (-1, 0)), (3, 1, (0, 3)), (2, 2, (3, -1))])
+@pytest.mark.slow
 def test_separable_upfirdn_matches_its_definition_and_its_adjoint(up, down, pad):
   """Separable kernels take the two 1-D passes (polyphase when only upsampling)."""
   rng = np.random.default_rng(1)

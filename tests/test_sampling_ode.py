@@ -40,6 +40,7 @@ def exact_score(family, gm):
   return jax.tree_util.Partial(family, gm.weights, gm.means, gm.eigvals, gm.eigvecs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dim", [2, 64])
 @pytest.mark.parametrize("name", sorted(SDES))
 def test_samples_follow_the_exact_marginal_at_eps_and_a_wrong_score_fails(name, dim):
@@ -72,6 +73,7 @@ def solver_error_bound(nfe, x, z, rtol, atol, stages=6):
   return 2 * (int(nfe) / stages) * (atol + rtol * np.maximum(flat(x), flat(z)))
 
 
+@pytest.mark.slow
 def test_each_sample_has_its_own_steps_and_does_not_depend_on_the_batch():
   sde, dim, b = SDES["vp"], 2, 8
   # A broad component and a narrow one (std 0.003): latents that flow into the narrow one are hard.
@@ -116,6 +118,7 @@ def test_each_sample_has_its_own_steps_and_does_not_depend_on_the_batch():
     np.testing.assert_array_less(np.abs(np.asarray(x_i[0] - x0[i])).max(), bound)
 
 
+@pytest.mark.slow
 def test_nfe_counts_the_batched_score_evaluations_made_and_denoise_is_one_tweedie_step():
   sde, b, dim = SDES["subvp"], 3, 2
   gm = analytic.GaussianMixture.random(seed=5, dim=dim)

@@ -163,6 +163,7 @@ def check(name, dim, predictor, corrector, step_rule="batch", scale=1.0):
   return float(stats.energy_distance(x, exact)), threshold
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("predictor, corrector", COMBOS_2D)
 @pytest.mark.parametrize("name", sorted(SDES))
 def test_every_combination_samples_the_exact_2d_mixture(name, predictor, corrector):
@@ -171,6 +172,7 @@ def test_every_combination_samples_the_exact_2d_mixture(name, predictor, correct
   assert distance < threshold
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("predictor, corrector", COMBOS_64D)
 @pytest.mark.parametrize("name", sorted(SDES))
 def test_representative_combinations_sample_the_exact_64d_mixture(name, predictor, corrector):

@@ -47,6 +47,7 @@ def test_diffusion_matches_marginal_variance(sde):
   np.testing.assert_allclose(dsigma2, 2 * f_coef * sigma**2 + g2, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_marginals_match_monte_carlo_simulation(sde):
   """Euler-Maruyama simulation of the forward SDE from p_0 reproduces the closed-form marginals.
 
@@ -150,6 +151,7 @@ def test_vp_small_n_grid_is_finite_and_table_refuses():
   assert np.all(np.isfinite(mean)) and np.all(np.isfinite(std))
 
 
+@pytest.mark.slow
 def test_ancestral_mean_is_the_exact_posterior_mean(sde):
   """With the exact score of a Gaussian p_0, (x + v s)/a equals E[x_s | x_t] in closed form."""
   gm = analytic.GaussianMixture.create([1.0], [[0.3, -0.2]], [[[0.5, 0.1], [0.1, 0.2]]])

@@ -105,6 +105,7 @@ def read_scalars(directory):
 # --- The run and what it writes ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_step_smoke(tmp_path):
   result = train.train(toy_config(**{"training.n_iters": 1, "training.snapshot_sampling": False}), tmp_path)
   assert result.step == 1 and int(result.state.step) == 1
@@ -113,6 +114,7 @@ def test_one_step_smoke(tmp_path):
   assert checkpoints.list_steps(tmp_path) == [1]  # the last step is always saved
 
 
+@pytest.mark.slow
 def test_straight_run_writes_config_tensorboard_samples_and_checkpoints(straight):
   workdir = pathlib.Path(straight.workdir)
   assert straight.step == N_ITERS
@@ -210,6 +212,7 @@ def test_no_usable_checkpoint_is_a_clear_error(straight, tmp_path):
 # --- Same result, other programs -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_steps_per_call_match_one(straight, tmp_path):
   config = toy_config(**{"training.n_jitted_steps": 2, "training.snapshot_sampling": False})
   result = train.train(config, tmp_path)
