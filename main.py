@@ -171,7 +171,7 @@ def summary(config, *, memory_report: bool = False, memory_gb: float | None = No
     rows = memory.variant_memory(config, mesh)
     largest = None
     if memory_gb is not None:
-      largest, _ = memory.largest_batch(config, mesh, int(memory_gb * 2**30))
+      largest, _ = memory.largest_batch(config, mesh, int(memory_gb * 2**30), known=rows[0])
     _say("\n" + memory.format_report(rows, limit_gb=memory_gb, largest=largest))
   return count
 

@@ -114,8 +114,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
   data.data_dir = ""                        # TFDS data directory ("" uses TFDS's default)
   data.num_train = 0                        # toy data: number of training points (0: the default)
   data.test_fraction = 0.0                  # image folders without test/: the fraction held out (0: none)
-  # Input pipeline (experiments/README.md "Input pipeline"): batches are read and prepared by num_threads
-  # threads in each of num_workers grain worker processes (0: threads in the training process).
+  # Input pipeline (experiments/README.md "Input pipeline"): batches are read and prepared by num_workers
+  # grain worker processes, one batch at a time each, or with num_workers = 0 by num_threads threads of the
+  # training process.
   data.num_workers = 0
   data.num_threads = 4
 

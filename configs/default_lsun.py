@@ -23,7 +23,6 @@ def get_default_configs():
   data = config.data
   data.dataset = "lsun/bedroom"
   data.image_size = 256
-  data.num_workers = 1  # grain worker processes that keep up with one accelerator (experiments/README.md)
 
   # Model.
   model = config.model

@@ -22,15 +22,20 @@ Columns, in examples per second (one example: one image of the batch, decoded an
 
 * 1 core: element after element in this thread (``pipeline.batches(k)``), per second of this
   process's CPU time, i.e. what one core delivers, independent of the machine's load.
+* via workers: the same through grain worker processes (one thread each), per second of the CPU time of
+  this process and its workers together: what each core gives when the work is spread over processes
+  (the batch is built in shared memory and handed over), again independent of the load.
 * 4 threads: the pipeline with ``data.num_threads=4`` and no workers (the previous default), wall time.
-* N workers: ``data.num_workers=N`` grain worker processes (4 threads each), wall time after their start.
+* N workers: ``data.num_workers=N`` grain worker processes (one thread each), wall time after their start.
+  The two wall-time columns depend on the machine's cores and load.
 * needed: an estimate of what one H100 consumes training the config: ``--tflops`` (default 400 TFLOP/s,
   40% of its dense bfloat16 peak: an upper estimate for these U-Nets) over the FLOPs of one example's
   forward and backward pass (XLA's cost analysis of the network, printed as ``GFLOP``). For scale, the
   original's published rate, NCSN++ cont. at 0.20 s per step of 128 on four V100s, is 160 examples/s
   per V100, i.e. 10 TFLOP/s.
-* workers: ceil(1.25 needed / 1 core), the worker processes that deliver the rate (each on its own core),
-  with a quarter to spare for the training process's own load; the configs' ``data.num_workers``.
+* workers: the configs' ``data.num_workers``: 0 where one core delivers 1.25 times the need (the
+  training process's threads, which together deliver about one core, keep up), else
+  ceil(1.25 needed / via workers) worker processes (each on its own core), a quarter to spare.
 """
 
 from __future__ import annotations
@@ -253,18 +258,40 @@ def per_core_rate(p: datasets.Pipeline, seconds: float) -> float:
   return (k - 1) * per_element / (time.process_time() - cpu)
 
 
-def stream_rate(p: datasets.Pipeline, seconds: float) -> float:
-  """Examples per second of wall time from an iterator, after its first element (worker start-up)."""
+def _cpu_seconds() -> float:
+  """CPU seconds of this process and its live children (grain's workers)."""
+  import psutil  # pylint: disable=import-outside-toplevel
+
+  processes = [psutil.Process()] + psutil.Process().children(recursive=True)
+  total = 0.0
+  for process in processes:
+    try:
+      times = process.cpu_times()
+      total += times.user + times.system
+    except psutil.NoSuchProcess:
+      pass
+  return total
+
+
+def stream_rate(p: datasets.Pipeline, seconds: float) -> tuple[float, float]:
+  """Examples per second of wall time from an iterator after its first element (worker start-up), and per
+  CPU second of this process and its workers together."""
   per_element = p.per_host_batch_size * p.n_jitted_steps
   stream = p.make_iterator()
   next(stream)
-  start, k = time.perf_counter(), 0
+  start, cpu, k = time.perf_counter(), _cpu_seconds(), 0
   while time.perf_counter() - start < seconds or k < 3:
     next(stream)
     k += 1
-  rate = k * per_element / (time.perf_counter() - start)
+  rate, cpu_rate = k * per_element / (time.perf_counter() - start), k * per_element / (_cpu_seconds() - cpu)
   stream.close()
-  return rate
+  return rate, cpu_rate
+
+
+def workers_for(needed: float, core: float, worker_core: float, spare: float = 1.25) -> int:
+  """Worker processes for ``needed`` examples/s: 0 when one core (this process's threads) keeps up, else enough
+  at ``worker_core`` examples per core through workers."""
+  return 0 if core >= spare * needed else math.ceil(spare * needed / worker_core)
 
 
 def main() -> None:
@@ -279,7 +306,7 @@ def main() -> None:
   directory.mkdir(parents=True, exist_ok=True)
   print(f"cpu cores: {os.cpu_count()}; load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
         f"needed: {args.tflops:g} TFLOP/s over the FLOPs of one example")
-  print(f"{'set':<10}{'format':<19}{'batch':>9}{'KiB':>8}{'GFLOP':>7}{'1 core':>8}{'4 threads':>10}"
+  print(f"{'set':<10}{'format':<19}{'batch':>9}{'KiB':>8}{'GFLOP':>7}{'1 core':>8}{'via workers':>12}{'4 threads':>10}"
         f"{f'{args.workers} workers':>11}{'needed':>8}{'workers':>8}", flush=True)
   for name in args.sets.split(","):
     bench = SETS[name]
@@ -288,11 +315,11 @@ def main() -> None:
     gflop = flops_per_example(config) / 1e9
     needed = args.tflops * 1e3 / gflop
     core = per_core_rate(pipeline(bench, source, config, 0, 0), args.seconds)
-    threads = stream_rate(pipeline(bench, source, config, 4, 0), args.seconds)
-    workers = stream_rate(pipeline(bench, source, config, 4, args.workers), args.seconds)
+    threads, _ = stream_rate(pipeline(bench, source, config, 4, 0), args.seconds)
+    workers, worker_core = stream_rate(pipeline(bench, source, config, 1, args.workers), args.seconds)
     batch = f"{config.training.n_jitted_steps}x{config.training.batch_size}"
-    print(f"{name:<10}{bench.fmt:<19}{batch:>9}{_size_kib(source):>8.1f}{gflop:>7.0f}{core:>8.0f}{threads:>10.0f}"
-          f"{workers:>11.0f}{needed:>8.0f}{math.ceil(1.25 * needed / core):>8}", flush=True)
+    print(f"{name:<10}{bench.fmt:<19}{batch:>9}{_size_kib(source):>8.1f}{gflop:>7.0f}{core:>8.0f}{worker_core:>12.0f}"
+          f"{threads:>10.0f}{workers:>11.0f}{needed:>8.0f}{workers_for(needed, core, worker_core):>8}", flush=True)
   print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

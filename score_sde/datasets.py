@@ -656,6 +656,17 @@ def _to_unit(out: np.ndarray, image: np.ndarray, rng: np.random.Generator | None
     np.divide(image, np.float32(255.0), out=out)
 
 
+try:  # grain's array in shared memory: a worker's batch built in it reaches the training process uncopied
+  from grain._src.python.ipc.shared_memory_array import SharedMemoryArray as _SharedMemoryArray  # pylint: disable=g-import-not-at-top
+except ImportError:  # another grain version: grain copies the batch into shared memory itself
+  _SharedMemoryArray = None
+
+
+def _new_batch(shape: tuple[int, ...], shared: bool) -> np.ndarray:
+  """An uninitialised float32 array of ``shape``, in shared memory when ``shared`` (worker processes)."""
+  return _SharedMemoryArray(shape, np.float32) if shared else np.empty(shape, np.float32)
+
+
 @functools.lru_cache(maxsize=2)
 def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   """The order of the ``n`` examples in ``epoch`` of a training stream."""
@@ -683,6 +694,7 @@ class _Batches:
   dequantize: bool
   shuffle_seed: int
   augment_seed: int
+  shared_memory: bool = False  # build batches in shared memory (set for worker processes)
 
   def __call__(self, k: int) -> Batch:
     n, h, p = len(self.source), self.process_index, self.process_count
@@ -697,7 +709,9 @@ class _Batches:
     else:
       epoch, ids = np.zeros_like(j + step), h + p * (step * self.per_host + j)
       mask = ids < n
-    data = np.zeros(ids.shape + self.element_shape, np.float32)
+    data = _new_batch(ids.shape + self.element_shape, self.shared_memory and _SharedMemoryArray is not None)
+    if not mask.all():
+      data[~mask] = 0.0
     label = np.zeros(ids.shape, np.int32)
     if mask.any():
       images, label[mask] = _read(self.source, ids[mask], self.image_size, self.prepare)
@@ -751,8 +765,8 @@ class Pipeline:
   """One split's batches for this host, with what the training loop needs to know about them.
 
   Element k is ``batches(k)``, a pure function of k, so a stream resumes by starting at its index
-  (``dataset_from``), whatever reads it: ``read_options.num_threads`` threads, in each of
-  ``num_workers`` grain worker processes (0: in this process).
+  (``dataset_from``), whatever reads it: ``read_options.num_threads`` threads in this process, or
+  ``num_workers`` grain worker processes.
 
   Attributes:
     batches: element index -> batch (picklable: worker processes receive it).
@@ -768,8 +782,9 @@ class Pipeline:
     density: the exact density of a toy set that has one, else None.
     seed: the pipeline seed.
     process_count: hosts sharing the split.
-    read_options: grain's threads and prefetch buffer (in elements) of each reading process.
-    num_workers: grain worker processes reading elements (0: none, the threads run in this process).
+    read_options: grain's threads and prefetch buffer (in elements) in this process, without workers.
+    num_workers: grain worker processes reading elements, one at a time each (0: none, the threads of
+      ``read_options`` run in this process).
     source_note: where the split's examples come from, for reports (e.g. a held-out fraction).
   """
 
@@ -802,13 +817,17 @@ class Pipeline:
   def dataset_from(self, index: int = 0) -> grain.IterDataset:
     """The grain dataset of elements index, index + 1, ... (to ``num_batches`` when not training)."""
     stop = sys.maxsize if self.num_batches is None else max(index, self.num_batches)
-    dataset = grain.MapDataset.range(index, stop).map(self.batches).to_iter_dataset(self.read_options)
-    if self.num_workers:
-      if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (their defaults do here)
-        flags.FLAGS.mark_as_parsed()
-      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers,
-                                                                 per_worker_buffer_size=2))
-    return dataset
+    elements = grain.MapDataset.range(index, stop)
+    if not self.num_workers:
+      return elements.map(self.batches).to_iter_dataset(self.read_options)
+    # Each worker builds one batch at a time, in shared memory (threads would contend for its Python lock).
+    batches = self.batches
+    if isinstance(batches, _Batches):
+      batches = dataclasses.replace(batches, shared_memory=True)
+    dataset = elements.map(batches).to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (their defaults do here)
+      flags.FLAGS.mark_as_parsed()
+    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers, per_worker_buffer_size=2))
 
   @property
   def dataset(self) -> grain.IterDataset:
@@ -868,9 +887,10 @@ def build_pipeline(source: Sequence[dict[str, Any]], *, name: str, batch_size: i
     process_index: this host (default ``jax.process_index()``).
     process_count: hosts (default ``jax.process_count()``).
     density: the exact density of the data, if known, recorded on the pipeline.
-    read_options: grain's threads and prefetch buffer (in elements) of each reading process; default 4
-      threads, 8 elements.
-    num_workers: grain worker processes that read and prepare elements (0: the threads run in this process).
+    read_options: grain's threads and prefetch buffer (in elements) in this process, without workers; default
+      4 threads, 8 elements.
+    num_workers: grain worker processes that read and prepare elements, one at a time each, and hand them
+      over in shared memory (0: the threads of ``read_options`` run in this process).
 
   Returns:
     A ``Pipeline`` whose elements are ``{"image", "label", "mask"}`` batches of numpy arrays.

@@ -147,13 +147,17 @@ def largest_fitting(total_bytes: Callable[[int], int], limit: int, guess: int) -
   return lo
 
 
-def largest_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, limit_bytes: int
-                  ) -> tuple[int, StepMemory | None]:
-  """The largest per-device batch whose train step fits in ``limit_bytes`` per device, and its memory row."""
-  rows: dict[int, StepMemory] = {}
+def largest_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, limit_bytes: int,
+                  known: StepMemory | None = None) -> tuple[int, StepMemory | None]:
+  """The largest per-device batch whose train step fits in ``limit_bytes`` per device, and its memory row.
+
+  ``known``: a row of this config already compiled (its batch is not compiled again).
+  """
+  rows: dict[int, StepMemory] = {known.per_device_batch: known} if known and not known.refused else {}
 
   def total(b: int) -> int:
-    rows[b] = step_memory(config, mesh, b)
+    if b not in rows:
+      rows[b] = step_memory(config, mesh, b)
     return rows[b].total
 
   guess = max(1, config.training.batch_size // mesh.devices.size)

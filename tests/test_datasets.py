@@ -263,11 +263,11 @@ def test_worker_processes_give_the_same_batches_and_resume_exactly():
   config = _config("digits", image_size=8, num_channels=1, random_flip=True, uniform_dequantization=True)
   config.training.batch_size, config.eval.batch_size = 32, 128
 
-  def streams(workers, threads=4):
-    config.data.num_workers, config.data.num_threads = workers, threads
+  def streams(workers):
+    config.data.num_workers = workers
     return datasets.get_dataset(config, process_index=0, process_count=1)
 
-  (train_ds, held_out), (train_mp, held_out_mp) = streams(0), streams(2, threads=1)
+  (train_ds, _), (train_mp, held_out_mp) = streams(0), streams(2)
   assert (train_mp.num_workers, held_out_mp.num_workers) == (2, 0)  # the held-out stream gives one batch per eval
   reference = [b["image"] for b in _take(train_ds.make_iterator(), 6)]
   iterator = train_mp.make_iterator()
