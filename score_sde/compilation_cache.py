@@ -65,7 +65,7 @@ def configure(setting: str = AUTO, workdir: str | os.PathLike | None = None) -> 
     The cache folder, or None when the cache is off.
 
   Raises:
-    OSError: when the folder cannot be created (the message names it and the flag).
+    OSError: when a folder given as ``setting`` cannot be created (the message names it and the flag).
   """
   root = resolve(setting, workdir)
   if root is None:
@@ -73,11 +73,12 @@ def configure(setting: str = AUTO, workdir: str | os.PathLike | None = None) -> 
       jax.config.update("jax_enable_compilation_cache", False)
     return None
   path = epath.Path(root) / machine_tag()
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise OSError(f"the compilation cache folder {path} cannot be created ({e}); pass --compilation_cache=<a "
-                  f"writable folder> or --compilation_cache=off.") from e
+  if setting != AUTO:  # a folder given explicitly is checked now; the workdir's is made by JAX when it first writes
+    try:
+      path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise OSError(f"the compilation cache folder {path} cannot be created ({e}); pass --compilation_cache=<a "
+                    f"writable folder> or --compilation_cache=off.") from e
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
