@@ -148,7 +148,8 @@ def lsun(directory: pathlib.Path, n: int):
 def _tfrecord(record: bytes) -> bytes:
   # Length, its masked CRC-32C, the record, and a data CRC that the reader does not check (zero here).
   header = len(record).to_bytes(8, "little")
-  return header + datasets._masked_crc(header).to_bytes(4, "little") + record + bytes(4)  # pylint: disable=protected-access
+  crc = datasets._masked_crc(header)  # pylint: disable=protected-access
+  return header + crc.to_bytes(4, "little") + record + bytes(4)
 
 
 def _varint(value: int) -> bytes:

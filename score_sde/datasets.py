@@ -657,8 +657,9 @@ def _to_unit(out: np.ndarray, image: np.ndarray, rng: np.random.Generator | None
 
 
 try:  # grain's array in shared memory: a worker's batch built in it reaches the training process uncopied
-  from grain._src.python.ipc.shared_memory_array import SharedMemoryArray as _SharedMemoryArray  # pylint: disable=g-import-not-at-top
-except ImportError:  # another grain version: grain copies the batch into shared memory itself
+  from grain._src.python.ipc import shared_memory_array as _shm  # pylint: disable=g-import-not-at-top
+  _SharedMemoryArray = _shm.SharedMemoryArray
+except (ImportError, AttributeError):  # another grain version: grain copies the batch into shared memory itself
   _SharedMemoryArray = None
 
 
