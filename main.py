@@ -8,7 +8,8 @@
 Modes: ``train`` (resumes from the newest checkpoint; with ``training.final_evaluation`` it then
 samples and computes the held-out likelihood), ``sample``, ``likelihood``, ``eval`` (every checkpoint:
 eval loss, likelihood, samples and their quality, for each sampler of ``eval.samplers``), ``summary``
-(parameters and the resolved config, nothing compiled), ``import`` (an original checkpoint,
+(parameters and the resolved config, nothing compiled; with ``--memory`` / ``--memory_gb`` also the compiled train
+step's memory per device), ``import`` (an original checkpoint,
 ``--source``, becomes the workdir's first checkpoint) and ``fid_stats``. Any config field can be
 overridden, e.g. ``--config.training.batch_size=64``. A mistake in the command, the config or the
 files it names is reported in a few lines and a non-zero exit status (``--show_traceback`` for the
@@ -32,8 +33,10 @@ from ml_collections import config_flags
 
 from score_sde import builders
 from score_sde import checkpoints
+from score_sde import compilation_cache
 from score_sde import convert
 from score_sde import evaluate
+from score_sde import memory
 from score_sde import parallel
 from score_sde import sample_quality
 from score_sde import train
@@ -51,6 +54,16 @@ _EVAL_FOLDER = flags.DEFINE_string("eval_folder", "eval", "Folder of the workdir
                                    "outputs.")
 _TAG = flags.DEFINE_string("tag", None, "--mode=sample / likelihood: names the output files (default: the "
                            "sampler or likelihood setting).")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", compilation_cache.AUTO, "Where compiled programs are kept for later launches: auto "
+    "($JAX_COMPILATION_CACHE_DIR if set, else <workdir>/compilation_cache), a folder (shared by the hosts of a run), "
+    "or off.")
+_MEMORY = flags.DEFINE_bool("memory", False, "--mode=summary: also compile the train step (without running it) and "
+                            "print its memory per device, with and without model.remat and model.dtype=bfloat16 "
+                            "(seconds for small networks, minutes for the paper's on a CPU).")
+_MEMORY_GB = flags.DEFINE_float("memory_gb", None, "--mode=summary: also find the largest per-device batch whose "
+                                "train step fits in this many GiB per device (implies --memory; a few more "
+                                "compilations).")
 _SHOW_TRACEBACK = flags.DEFINE_bool("show_traceback", False, "Show the traceback of an error in the command, the "
                                     "config or its files, instead of the short message.")
 # Multi-host set-up (parallel.initialize_distributed); none is needed on a single machine.
@@ -139,13 +152,28 @@ def parse_flags(argv: list[str]) -> list[str]:
 # --- Modes ---------------------------------------------------------------------------------------------
 
 
-def summary(config) -> int:
-  """Prints ``parameters: N`` and the resolved config; returns N (shapes only, nothing compiles)."""
+def summary(config, *, memory_report: bool = False, memory_gb: float | None = None) -> int:
+  """Prints ``parameters: N`` and the resolved config; returns N (shapes only, nothing compiles).
+
+  With ``memory_report`` (or ``memory_gb``) it then compiles the train step for the configured global batch
+  on this process's devices and prints its memory per device (``score_sde.memory``), and with
+  ``memory_gb`` the largest per-device batch that fits in that many GiB.
+  """
   network = builders.build_network(config)
   count = wrapper.count_params(builders.abstract_params(network, builders.example_shape(config)))
   name = {"classifier": config.classifier.name, "dequantizer": "variational dequantizer"}.get(
       config.training.objective, config.model.name)
   _say(f"model: {name}\nparameters: {count}\n\nconfig:\n{config}")
+  if memory_report or memory_gb is not None:
+    if memory_gb is not None and memory_gb <= 0:
+      raise UserError(f"--memory_gb={memory_gb} must be positive (GiB per device).")
+    mesh = parallel.make_mesh(fsdp=config.training.fsdp)
+    parallel.check_batch_size(config.training.batch_size, mesh, "training.batch_size")
+    rows = memory.variant_memory(config, mesh)
+    largest = None
+    if memory_gb is not None:
+      largest, _ = memory.largest_batch(config, mesh, int(memory_gb * 2**30), known=rows[0])
+    _say("\n" + memory.format_report(rows, limit_gb=memory_gb, largest=largest))
   return count
 
 
@@ -195,9 +223,13 @@ def _workdir(mode: str) -> epath.Path:
 
 def run(mode: str, config) -> None:
   """Runs ``mode`` on ``config``."""
+  if _COMPILATION_CACHE.value == compilation_cache.OFF:
+    compilation_cache.configure(compilation_cache.OFF)  # before the checks compile their first small programs
   builders.validate(config)
+  if mode in ("summary", "fid_stats"):
+    compilation_cache.configure(_COMPILATION_CACHE.value, _WORKDIR.value)
   if mode == "summary":
-    summary(config)
+    summary(config, memory_report=_MEMORY.value, memory_gb=_MEMORY_GB.value)
     return
   if mode == "fid_stats":
     path = config.eval.fid_stats_path or str(epath.Path(_WORKDIR.value or ".") /
@@ -206,6 +238,7 @@ def run(mode: str, config) -> None:
     _say(f"reference statistics of {result['num_examples']} examples: {result['path']}")
     return
   workdir = _workdir(mode)
+  compilation_cache.configure(_COMPILATION_CACHE.value, workdir)  # before anything compiles
   out_dir = workdir / _EVAL_FOLDER.value
   if mode == "import":
     if not _SOURCE.value:

@@ -121,6 +121,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
   data.data_dir = ""                        # TFDS data directory ("" uses TFDS's default)
   data.num_train = 0                        # toy data: number of training points (0: the default)
   data.test_fraction = 0.0                  # image folders without test/: the fraction held out (0: none)
+  # Input pipeline (experiments/README.md "Input pipeline"): batches are read and prepared by num_workers
+  # grain worker processes, one batch at a time each, or with num_workers = 0 by num_threads threads of the
+  # training process.
+  data.num_workers = 0
+  data.num_threads = 4
 
   # Model.
   config.model = model = ml_collections.ConfigDict()
@@ -196,5 +201,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.fsdp = 1                         # parameter sharding: mesh (devices / fsdp, fsdp); 1 = pure data parallel
   training.nonfinite = "stop"               # non-finite loss or gradient: stop | skip (drop that update)
   training.max_skipped = 100                # with skip: stop after more than this many skipped steps in a row
+
+  # Profiling (README "Profiling"): a jax.profiler trace into <workdir>/tensorboard/plugins/profile/.
+  training.profile_steps = 0                # steps to trace (rounded up to whole compiled calls); 0: no trace
+  training.profile_start = 0                # trace the steps after this one; 0: after this launch's first call
 
   return config

@@ -15,6 +15,7 @@ def get_default_configs():
   data = config.data
   data.dataset = "CELEBA"
   data.image_size = 64
+  data.num_workers = 3  # grain worker processes that keep up with one accelerator (experiments/README.md)
 
   # Model.
   config.model.sigma_max = 90.0

@@ -48,6 +48,7 @@ def get_default_configs():
   data.random_flip = True
   data.centered = False
   data.uniform_dequantization = False
+  data.num_workers = 2  # grain worker processes that keep up with one accelerator (experiments/README.md)
 
   # Model: noise schedules and regularisation shared by every CIFAR-10 network.
   model = config.model

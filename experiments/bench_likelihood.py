@@ -41,9 +41,9 @@ two device round trips per evaluation.
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,19 +57,21 @@ from score_sde.sampling import ode
 EPS, TOL = 1e-5, 1e-5
 
 
-def baseline_likelihood_fn(sde: sde_lib.SDE, shape: tuple[int, ...], divergence: str, profile: dict):
+def baseline_likelihood_fn(sde: sde_lib.SDE, shape: tuple[int, ...], divergence: str, profile: dict, *,
+                           rtol: float = TOL, atol: float = TOL, eps: float = EPS):
   """The original's likelihood: host RK45 on the flattened batch, two jitted calls per evaluation.
 
   ``profile["jitted_s"]`` accumulates the time spent in the two jitted calls (with the copies to
-  and from the device), so the rest of the wall time is the host loop itself.
+  and from the device), so the rest of the wall time is the host loop itself. A score function's
+  arrays (a network's parameters) are arguments of the jitted calls, the rest is static.
   """
   batch = shape[0]
 
-  @functools.partial(jax.jit, static_argnums=0)
+  @eqx.filter_jit
   def drift_fn(score_fn, x, t):
     return sde.reverse(score_fn, probability_flow=True).sde(x, jnp.full((batch,), t))[0]
 
-  @functools.partial(jax.jit, static_argnums=0)
+  @eqx.filter_jit
   def div_fn(score_fn, x, t, probes):
     if divergence == "exact":  # trace of the per-sample Jacobian (D JVPs), drift recomputed
       one = ode.single(lambda y, s: sde.reverse(score_fn, probability_flow=True).sde(y, s)[0])
@@ -94,7 +96,7 @@ def baseline_likelihood_fn(sde: sde_lib.SDE, shape: tuple[int, ...], divergence:
 
     profile["jitted_s"] = 0.0
     y0 = np.concatenate([np.asarray(x, np.float64).ravel(), np.zeros(batch)])
-    sol = integrate.solve_ivp(ode_func, (EPS, sde.T), y0, rtol=TOL, atol=TOL, method="RK45")
+    sol = integrate.solve_ivp(ode_func, (eps, sde.T), y0, rtol=rtol, atol=atol, method="RK45")
     z = jnp.asarray(sol.y[:n, -1].reshape(shape), jnp.float32)
     return sde.prior_logp(z) + jnp.asarray(sol.y[n:, -1], jnp.float32), z, sol.nfev
 

@@ -44,21 +44,23 @@ def import_port(port_dir: str) -> None:
     cpp_extension.load = build
 
 
-def measure(name: str, batch: int, steps: int) -> dict:
-  """Times the port's network ``name`` (a config module under the port's ``configs``)."""
+def measure(name: str, batch: int, steps: int, device: str = "cpu") -> dict:
+  """Times the port's network ``name`` (a config module under the port's ``configs``) on ``device``."""
   import torch  # pylint: disable=import-outside-toplevel
 
   ncsnpp = importlib.import_module("models.ncsnpp")
   ema_lib = importlib.import_module("models.ema")
   config = importlib.import_module(f"configs.{name}").get_config()
-  config.device = torch.device("cpu")
+  config.device = torch.device(device)
   torch.manual_seed(0)
-  model = ncsnpp.NCSNpp(config).train()
+  model = ncsnpp.NCSNpp(config).to(config.device).train()
   ema = ema_lib.ExponentialMovingAverage(model.parameters(), decay=config.model.ema_rate)
   optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, betas=(config.optim.beta1, 0.999),
                                eps=config.optim.eps, weight_decay=config.optim.weight_decay)
-  x = torch.randn(batch, config.data.num_channels, config.data.image_size, config.data.image_size)
-  labels = torch.rand(batch) * 999.0
+  x = torch.randn(batch, config.data.num_channels, config.data.image_size, config.data.image_size,
+                  device=config.device)
+  labels = torch.rand(batch, device=config.device) * 999.0
+  synchronize = torch.cuda.synchronize if config.device.type == "cuda" else lambda: None
 
   def step(update: bool) -> None:
     optimizer.zero_grad(set_to_none=True)
@@ -73,10 +75,12 @@ def measure(name: str, batch: int, steps: int) -> dict:
          "threads": torch.get_num_threads()}
   for key, update in (("fwd_bwd", False), ("full", True)):
     step(update)
+    synchronize()
     times = []
     for _ in range(steps):
       start = time.perf_counter()
       step(update)
+      synchronize()
       times.append(time.perf_counter() - start)
     row[key] = (statistics.median(times), min(times), max(times))
   return row

@@ -358,10 +358,14 @@ def check_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | 
   if t.n_iters < k:
     raise ValueError(f"config.training.n_iters={t.n_iters} is less than one call of config.training."
                      f"n_jitted_steps={k} steps; raise --config.training.n_iters or lower n_jitted_steps.")
-  for field in ("keep_checkpoints", "max_skipped"):
+  for field in ("keep_checkpoints", "max_skipped", "profile_steps", "profile_start"):
     if int(t[field]) != t[field] or t[field] < 0:
       raise ValueError(f"config.training.{field}={t[field]!r} must be a non-negative integer; set "
                        f"--config.training.{field}.")
+  for field in ("num_workers", "num_threads"):
+    if int(config.data[field]) != config.data[field] or config.data[field] < 0:
+      raise ValueError(f"config.data.{field}={config.data[field]!r} must be a non-negative integer; set "
+                       f"--config.data.{field}.")
   if t.objective != "score" and t.snapshot_sampling:
     raise ValueError(f"config.training.snapshot_sampling=True, but a {t.objective} run has no samples to snapshot; "
                      f"set --config.training.snapshot_sampling=False.")

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import grain
 import jax
+from absl import flags
 from absl import logging
 import ml_collections
 import numpy as np
@@ -615,11 +616,12 @@ IMAGE_DATASETS: dict[str, ImageSet] = {
 # --- Pipeline ---------------------------------------------------------------------------------
 
 def _read(source: Sequence[dict[str, Any]], ids: np.ndarray, image_size: int | None,
-          prepare: Callable[[np.ndarray, int], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-  """Examples ``ids`` (M,) of ``source`` as data (M, ...) float32 ([0, 1] for uint8 images) and labels (M,).
+          prepare: Callable[[np.ndarray, int], np.ndarray]) -> tuple[Sequence[np.ndarray], np.ndarray]:
+  """Examples ``ids`` (M,) of ``source``: M uint8 images (brought to image_size) or data (M, ...) float32, and
+  labels (M,) int32.
 
   uint8 images not already (image_size, image_size) go through ``prepare``; those that are, pass
-  untouched (an ``ArraySource`` at the size is indexed and scaled without a per-image step).
+  untouched (an ``ArraySource`` at the size is indexed without a per-image step).
   """
   if isinstance(source, ArraySource):
     images, labels = source.images[ids], source.labels[ids]
@@ -638,16 +640,32 @@ def _read(source: Sequence[dict[str, Any]], ids: np.ndarray, image_size: int | N
                          f"{out.shape} image of a {image.shape} one; a rule must return uint8 "
                          f"({image_size}, {image_size}, C).")
     images = prepared
-  return np.stack(images).astype(np.float32) / 255.0, labels.astype(np.int32)
+  return images, labels.astype(np.int32)
 
 
-def _augment(image: np.ndarray, rng: np.random.Generator, random_flip: bool, dequantize: bool) -> np.ndarray:
-  """Horizontal flip with probability 1/2 and uniform dequantisation (x 255 + U[0, 1)) / 256."""
-  if rng.random() < 0.5 and random_flip:  # the coin is always drawn: flips do not depend on dequantize
-    image = image[:, ::-1]
-  if dequantize:  # round: undo the float error of uint8 / 255 before adding the noise
-    image = (np.round(image * 255.0) + rng.random(image.shape, dtype=np.float32)) / 256.0
-  return image
+def _to_unit(out: np.ndarray, image: np.ndarray, rng: np.random.Generator | None, random_flip: bool,
+             dequantize: bool) -> None:
+  """Writes the uint8 ``image`` into float32 ``out`` as image / 255, or dequantised, (image + U[0, 1)) / 256,
+  flipped horizontally with probability 1/2 when ``random_flip`` (one pass over the pixels)."""
+  if rng is not None and rng.random() < 0.5 and random_flip:  # the coin is always drawn: flips do not depend
+    image = image[:, ::-1]                                         # on dequantize
+  if dequantize:
+    np.add(image, rng.random(image.shape, dtype=np.float32), out=out)
+    out /= np.float32(256.0)
+  else:
+    np.divide(image, np.float32(255.0), out=out)
+
+
+try:  # grain's array in shared memory: a worker's batch built in it reaches the training process uncopied
+  from grain._src.python.ipc import shared_memory_array as _shm  # pylint: disable=g-import-not-at-top
+  _SharedMemoryArray = _shm.SharedMemoryArray
+except (ImportError, AttributeError):  # another grain version: grain copies the batch into shared memory itself
+  _SharedMemoryArray = None
+
+
+def _new_batch(shape: tuple[int, ...], shared: bool) -> np.ndarray:
+  """An uninitialised float32 array of ``shape``, in shared memory when ``shared`` (worker processes)."""
+  return _SharedMemoryArray(shape, np.float32) if shared else np.empty(shape, np.float32)
 
 
 @functools.lru_cache(maxsize=2)
@@ -677,6 +695,7 @@ class _Batches:
   dequantize: bool
   shuffle_seed: int
   augment_seed: int
+  shared_memory: bool = False  # build batches in shared memory (set for worker processes)
 
   def __call__(self, k: int) -> Batch:
     n, h, p = len(self.source), self.process_index, self.process_count
@@ -691,17 +710,22 @@ class _Batches:
     else:
       epoch, ids = np.zeros_like(j + step), h + p * (step * self.per_host + j)
       mask = ids < n
-    data = np.zeros(ids.shape + self.element_shape, np.float32)
+    data = _new_batch(ids.shape + self.element_shape, self.shared_memory and _SharedMemoryArray is not None)
+    if not mask.all():
+      data[~mask] = 0.0
     label = np.zeros(ids.shape, np.int32)
     if mask.any():
-      images, labels = _read(self.source, ids[mask], self.image_size, self.prepare)
-      if self.random_flip or self.dequantize:
-        # Keyed by (example, epoch): the same draw whatever the batch size or number of hosts.
-        for i, (example, e) in enumerate(zip(ids[mask], epoch[mask])):
+      images, label[mask] = _read(self.source, ids[mask], self.image_size, self.prepare)
+      if images[0].dtype != np.uint8:
+        data[mask] = images
+      else:  # each image scaled (and augmented) straight into its row of the batch
+        rows = data.reshape(-1, *self.element_shape)
+        augment = self.random_flip or self.dequantize
+        for i, (row, example, e) in enumerate(zip(np.flatnonzero(mask), ids[mask], epoch[mask])):
+          # Keyed by (example, epoch): the same draw whatever the batch size or number of hosts.
           key = (self.augment_seed << 96) + (int(example) << 32) + int(e)
-          rng = np.random.Generator(np.random.PCG64(key))
-          images[i] = _augment(images[i], rng, self.random_flip, self.dequantize)
-      data[mask], label[mask] = images, labels
+          rng = np.random.Generator(np.random.PCG64(key)) if augment else None
+          _to_unit(rows[row], images[i], rng, self.random_flip, self.dequantize)
     if self.n_jitted_steps == 1:
       data, label, mask = data[0], label[0], mask[0]
     return {"image": data, "label": label, "mask": mask}
@@ -716,12 +740,37 @@ def _per_host(batch_size: int, process_count: int, what: str) -> int:
   return batch_size // process_count
 
 
+class Stream:
+  """An iterator over a pipeline's elements that knows its position: ``next_index``, the next element's index."""
+
+  def __init__(self, dataset: grain.IterDataset, next_index: int):
+    self._iterator, self.next_index = iter(dataset), next_index
+
+  def __iter__(self) -> Stream:
+    return self
+
+  def __next__(self) -> Batch:
+    element = next(self._iterator)
+    self.next_index += 1
+    return element
+
+  def close(self) -> None:
+    """Stops the worker processes and threads reading ahead."""
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Pipeline:
   """One split's batches for this host, with what the training loop needs to know about them.
 
+  Element k is ``batches(k)``, a pure function of k, so a stream resumes by starting at its index
+  (``dataset_from``), whatever reads it: ``read_options.num_threads`` threads in this process, or
+  ``num_workers`` grain worker processes.
+
   Attributes:
-    dataset: the grain ``IterDataset``; ``make_iterator`` iterates it.
+    batches: element index -> batch (picklable: worker processes receive it).
     name: the split, e.g. ``"cifar10/train"``.
     num_examples: examples in the split (all hosts).
     training: an infinite shuffled stream, or one ordered, padded pass.
@@ -734,10 +783,13 @@ class Pipeline:
     density: the exact density of a toy set that has one, else None.
     seed: the pipeline seed.
     process_count: hosts sharing the split.
+    read_options: grain's threads and prefetch buffer (in elements) in this process, without workers.
+    num_workers: grain worker processes reading elements, one at a time each (0: none, the threads of
+      ``read_options`` run in this process).
     source_note: where the split's examples come from, for reports (e.g. a held-out fraction).
   """
 
-  dataset: grain.IterDataset
+  batches: Callable[[int], Batch]
   name: str
   num_examples: int
   training: bool
@@ -750,6 +802,9 @@ class Pipeline:
   density: analytic.GaussianMixture | None
   seed: int
   process_count: int
+  read_options: grain.ReadOptions = dataclasses.field(default_factory=lambda: grain.ReadOptions(
+      num_threads=4, prefetch_buffer_size=8))
+  num_workers: int = 0
   source_note: str = ""
 
   def _fingerprint(self) -> dict[str, Any]:
@@ -760,12 +815,31 @@ class Pipeline:
                          process_count=self.process_count)
     return fingerprint
 
-  def __iter__(self) -> grain.DatasetIterator:
+  def dataset_from(self, index: int = 0) -> grain.IterDataset:
+    """The grain dataset of elements index, index + 1, ... (to ``num_batches`` when not training)."""
+    stop = sys.maxsize if self.num_batches is None else max(index, self.num_batches)
+    elements = grain.MapDataset.range(index, stop)
+    if not self.num_workers:
+      return elements.map(self.batches).to_iter_dataset(self.read_options)
+    # Each worker builds one batch at a time, in shared memory (threads would contend for its Python lock).
+    batches = self.batches
+    if isinstance(batches, _Batches):
+      batches = dataclasses.replace(batches, shared_memory=True)
+    dataset = elements.map(batches).to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (their defaults do here)
+      flags.FLAGS.mark_as_parsed()
+    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers, per_worker_buffer_size=2))
+
+  @property
+  def dataset(self) -> grain.IterDataset:
+    return self.dataset_from(0)
+
+  def __iter__(self) -> Stream:
     return self.make_iterator()
 
-  def make_iterator(self, state: dict[str, Any] | None = None) -> grain.DatasetIterator:
+  def make_iterator(self, state: dict[str, Any] | None = None) -> Stream:
     """A fresh iterator, or one that resumes from ``iterator_state``'s output."""
-    iterator = iter(self.dataset)
+    index = 0
     if state is not None:
       if state.get("pipeline") != self._fingerprint():
         raise ValueError(f"The saved data-iterator state is for {state.get('pipeline')}, but this pipeline "
@@ -777,18 +851,17 @@ class Pipeline:
         raise ValueError(f"The saved state is {position} examples into the stream, not a multiple of "
                          f"n_jitted_steps * batch_size = {per_element}; resume with a batch size and "
                          f"n_jitted_steps whose product divides {position}.")
-      iterator.set_state({"next_index": position // per_element})
-    return iterator
+      index = position // per_element
+    return Stream(self.dataset_from(index), index)
 
-  def iterator_state(self, iterator: grain.DatasetIterator) -> dict[str, Any]:
+  def iterator_state(self, iterator: Stream) -> dict[str, Any]:
     """A JSON-serialisable snapshot of ``iterator``'s position (save it with the checkpoint).
 
     Training streams store the global number of examples consumed, so the state restores on any
     number of hosts and with any batch size and ``n_jitted_steps`` whose product divides it.
     """
-    index = int(iterator.get_state()["next_index"])
     per_element = self.n_jitted_steps * self.batch_size if self.training else 1
-    return {"position": index * per_element, "pipeline": self._fingerprint()}
+    return {"position": iterator.next_index * per_element, "pipeline": self._fingerprint()}
 
 
 def build_pipeline(source: Sequence[dict[str, Any]], *, name: str, batch_size: int, training: bool,
@@ -797,7 +870,7 @@ def build_pipeline(source: Sequence[dict[str, Any]], *, name: str, batch_size: i
                    random_flip: bool = False, uniform_dequantization: bool = False, n_jitted_steps: int = 1,
                    process_index: int | None = None, process_count: int | None = None,
                    density: analytic.GaussianMixture | None = None,
-                   read_options: grain.ReadOptions | None = None) -> Pipeline:
+                   read_options: grain.ReadOptions | None = None, num_workers: int = 0) -> Pipeline:
   """Batches of ``source`` for this host (see the module docstring for the two regimes).
 
   Args:
@@ -815,7 +888,10 @@ def build_pipeline(source: Sequence[dict[str, Any]], *, name: str, batch_size: i
     process_index: this host (default ``jax.process_index()``).
     process_count: hosts (default ``jax.process_count()``).
     density: the exact density of the data, if known, recorded on the pipeline.
-    read_options: grain's threads and prefetch buffer (in elements); default 4 threads, 8 elements.
+    read_options: grain's threads and prefetch buffer (in elements) in this process, without workers; default
+      4 threads, 8 elements.
+    num_workers: grain worker processes that read and prepare elements, one at a time each, and hand them
+      over in shared memory (0: the threads of ``read_options`` run in this process).
 
   Returns:
     A ``Pipeline`` whose elements are ``{"image", "label", "mask"}`` batches of numpy arrays.
@@ -836,24 +912,22 @@ def build_pipeline(source: Sequence[dict[str, Any]], *, name: str, batch_size: i
                      f"config.data.uniform_dequantization=False.")
   shuffle_seed, augment_seed = (int(s) for s in
                                 np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(2))
-  element_shape = _read(source, np.zeros(1, int), image_size, prepare)[0].shape[1:]
+  element_shape = tuple(np.shape(_read(source, np.zeros(1, int), image_size, prepare)[0][0]))
   batches = _Batches(
       source=source, element_shape=element_shape, training=training, per_host=per_host,
       n_jitted_steps=n_jitted_steps, process_index=process_index, process_count=process_count,
       image_size=image_size, prepare=prepare, random_flip=random_flip, dequantize=uniform_dequantization,
       shuffle_seed=shuffle_seed, augment_seed=augment_seed)
-  if training:
-    num_batches = None
-    elements = grain.MapDataset.range(sys.maxsize)
-  else:  # every host yields the same number of elements, padding its shard
+  num_batches = None
+  if not training:  # every host yields the same number of elements, padding its shard
     num_batches = math.ceil(math.ceil(len(source) / process_count) / (per_host * n_jitted_steps))
-    elements = grain.MapDataset.range(num_batches)
-  read_options = read_options or grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
+  if num_workers < 0:
+    raise ValueError(f"num_workers must be a non-negative integer, got {num_workers}.")
   return Pipeline(
-      dataset=elements.map(batches).to_iter_dataset(read_options), name=name, num_examples=len(source),
-      training=training, batch_size=batch_size, per_host_batch_size=per_host, n_jitted_steps=n_jitted_steps,
-      num_batches=num_batches, element_shape=element_shape, eight_bit=eight_bit, density=density, seed=seed,
-      process_count=process_count)
+      batches=batches, name=name, num_examples=len(source), training=training, batch_size=batch_size,
+      per_host_batch_size=per_host, n_jitted_steps=n_jitted_steps, num_batches=num_batches,
+      element_shape=element_shape, eight_bit=eight_bit, density=density, seed=seed, process_count=process_count,
+      read_options=read_options or grain.ReadOptions(num_threads=4, prefetch_buffer_size=8), num_workers=num_workers)
 
 
 # --- From a config ----------------------------------------------------------------------------
@@ -873,7 +947,8 @@ def get_dataset(config: ml_collections.ConfigDict, *, evaluation: bool = False,
 
   Args:
     config: reads ``data.{dataset, image_size, num_channels, random_flip, uniform_dequantization,
-      data_dir, num_train}``, ``training.{batch_size, n_jitted_steps}``, ``eval.batch_size``, ``seed``.
+      data_dir, num_train, num_workers, num_threads}``, ``training.{batch_size, n_jitted_steps}``,
+      ``eval.batch_size``, ``seed``.
     evaluation: the evaluation regime above.
     uniform_dequantization: overrides ``config.data.uniform_dequantization`` (bits/dim needs True).
     seed: overrides ``config.seed`` (e.g. a fresh dequantisation per bits/dim round).
@@ -912,13 +987,18 @@ def get_dataset(config: ml_collections.ConfigDict, *, evaluation: bool = False,
     raise ValueError(f"Unknown data set {data.dataset!r}; valid choices (case-insensitive): "
                      f"{sorted(TOY_DATASETS) + sorted(IMAGE_DATASETS)}. Set config.data.dataset.")
 
+  read_options = grain.ReadOptions(num_threads=data.get("num_threads", 4), prefetch_buffer_size=8)
   build = functools.partial(
       build_pipeline, batch_size=batch_size, training=not evaluation, seed=seed, image_size=image_size,
       prepare=prepare, uniform_dequantization=dequantize, n_jitted_steps=n_jitted,
-      process_index=process_index, process_count=process_count, density=density)
-  train = build(sources["train"], name=f"{name}/train", random_flip=data.random_flip and not evaluation)
+      process_index=process_index, process_count=process_count, density=density, read_options=read_options)
+  workers = data.get("num_workers", 0)
+  train = build(sources["train"], name=f"{name}/train", random_flip=data.random_flip and not evaluation,
+                num_workers=workers)
   note = getattr(sources["test"], "held_out_note", "")
-  held_out = dataclasses.replace(build(sources["test"], name=f"{name}/test"), source_note=note)
+  # While training, the held-out stream gives one batch per eval: threads keep up without worker processes.
+  held_out = build(sources["test"], name=f"{name}/test", num_workers=workers if evaluation else 0)
+  held_out = dataclasses.replace(held_out, source_note=note)
   if note and process_index in (None, 0) and jax.process_index() == 0:
     logging.info("data: %s, %d training and %d held-out examples; held out: %s.", data.dataset, len(sources["train"]),
                  len(sources["test"]), note)

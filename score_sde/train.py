@@ -179,6 +179,44 @@ class _Progress:
     return f"{100.0 * step / self.last_step:5.1f}% | {rate:.2f} steps/s | ETA {eta}"
 
 
+class _Trace:
+  """A ``jax.profiler`` trace of ``training.profile_steps`` steps into ``<workdir>/tensorboard/plugins/profile/``.
+
+  It starts after the call that ends at or past ``training.profile_start`` (0: after this launch's first,
+  compiling call) while that window is still ahead, and stops after the call that covers the steps, once
+  the device finished them. Each process traces its own host (TensorBoard's profile plugin, or the
+  ``perfetto_trace.json.gz`` beside it in https://ui.perfetto.dev).
+  """
+
+  def __init__(self, directory: epath.Path, steps: int, start: int, steps_per_call: int):
+    self.directory, self.steps, self.start, self.steps_per_call = directory, steps, start, steps_per_call
+    self.stop_at, self.done = None, steps <= 0
+
+  def after_call(self, step: int, first_step: int, outputs: Any) -> None:
+    """Called after every compiled call; ``step`` ends it, ``first_step`` ended this launch's first call."""
+    if self.done:
+      return
+    if self.stop_at is None:
+      begin = self.start or first_step
+      if begin <= step < begin + self.steps:
+        jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+        self.stop_at = step + -(-self.steps // self.steps_per_call) * self.steps_per_call
+        logging.info("Profiling steps %d..%d into %s.", step + 1, self.stop_at, self.directory / "plugins" / "profile")
+      elif step >= begin + self.steps:
+        self.done = True
+    elif step >= self.stop_at:
+      self.close(outputs)
+
+  def close(self, outputs: Any = None) -> None:
+    """Stops a trace in progress (after the device finished ``outputs``)."""
+    if self.stop_at is not None and not self.done:
+      if outputs is not None:
+        jax.block_until_ready(outputs)
+      jax.profiler.stop_trace()
+      logging.info("Profile trace written to %s.", self.directory / "plugins" / "profile")
+    self.done = True
+
+
 class _Scalars:
   """Scalars of this call: kept in ``history`` and written to TensorBoard (process 0)."""
 
@@ -318,37 +356,43 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
   skip = t.nonfinite == "skip"
   skipped_total, first = 0, None
   progress = _Progress(last_step)
+  trace = _Trace(workdir / "tensorboard", t.profile_steps, t.profile_start, k)
   last_saved, sample_paths, preempted = (start if restored else None), [], False
-  for step in range(start + k, last_step + 1, k):
-    # One compiled call: k optimiser steps on a sharded global batch.
-    state, metrics = programs.train(train_key, state, batch_of(train_it))
-    window.add(step, metrics)
-    if first is None:
-      jax.block_until_ready(metrics)
-      first = (step, time.perf_counter())
-      logging.info("Step %d done, %.1f s after the start (compilation included).", step, first[1] - started)
-      progress.start(step)
-    preempted, final = notice.reached(), step == last_step
-    save = preempted or final or due(step, t.snapshot_freq) or due(step, t.snapshot_freq_for_preemption)
-    # Check the losses since the last check before anything is logged or saved.
-    if save or due(step, t.log_freq) or due(step, t.eval_freq):
-      skipped_total += window.check(last_saved, t.max_skipped)
-    if due(step, t.log_freq) or final:
-      _log_window(step, last_step, window, scalars, float(lr_schedule(step - 1)), skip, progress)
-    if due(step, t.eval_freq):  # the EMA's loss (and a classifier's accuracy) on a held-out batch
-      metrics = jax.device_get(programs.eval(eval_key, state, batch_of(eval_it)))
-      for name, value in metrics.items():
-        scalars.add(f"eval_{name}", step, float(value))
-      logging.info("step %d: %s", step, ", ".join(f"eval_{name} {float(v):.5g}" for name, v in metrics.items()))
-    if save and ckpt.save(step, state, host_state_of(), force=preempted or final):  # asynchronous
-      last_saved = step
-    if snapshot is not None and due(step, t.snapshot_freq):
-      sample_paths.append(snapshot(step, state))
-    if preempted:
-      ckpt.wait()
-      logging.warning("Preemption notice (SIGTERM): saved step %d to %s and stopped; run the same command again "
-                      "to resume.", step, ckpt.directory_of(step))
-      break
+  try:
+    for step in range(start + k, last_step + 1, k):
+      # One compiled call: k optimiser steps on a sharded global batch.
+      state, metrics = programs.train(train_key, state, batch_of(train_it))
+      window.add(step, metrics)
+      if first is None:
+        jax.block_until_ready(metrics)
+        first = (step, time.perf_counter())
+        logging.info("Step %d done, %.1f s after the start (compilation included).", step, first[1] - started)
+        progress.start(step)
+      trace.after_call(step, first[0], metrics)
+      preempted, final = notice.reached(), step == last_step
+      save = preempted or final or due(step, t.snapshot_freq) or due(step, t.snapshot_freq_for_preemption)
+      # Check the losses since the last check before anything is logged or saved.
+      if save or due(step, t.log_freq) or due(step, t.eval_freq):
+        skipped_total += window.check(last_saved, t.max_skipped)
+      if due(step, t.log_freq) or final:
+        _log_window(step, last_step, window, scalars, float(lr_schedule(step - 1)), skip, progress)
+      if due(step, t.eval_freq):  # the EMA's loss (and a classifier's accuracy) on a held-out batch
+        metrics = jax.device_get(programs.eval(eval_key, state, batch_of(eval_it)))
+        for name, value in metrics.items():
+          scalars.add(f"eval_{name}", step, float(value))
+        logging.info("step %d: %s", step, ", ".join(f"eval_{name} {float(v):.5g}" for name, v in metrics.items()))
+      if save and ckpt.save(step, state, host_state_of(), force=preempted or final):  # asynchronous
+        last_saved = step
+      if snapshot is not None and due(step, t.snapshot_freq):
+        sample_paths.append(snapshot(step, state))
+      if preempted:
+        ckpt.wait()
+        logging.warning("Preemption notice (SIGTERM): saved step %d to %s and stopped; run the same command again "
+                        "to resume.", step, ckpt.directory_of(step))
+        break
+    trace.close(state)
+  finally:
+    trace.close()  # after an error: stops a trace in progress
 
   step = int(jax.device_get(state.step))
   timing = {}

@@ -1,5 +1,6 @@
 """Data sets and the grain pipeline: exact densities, determinism, sharding, coverage, resuming."""
 
+import dataclasses
 import importlib.abc
 import json
 import sys
@@ -258,6 +259,40 @@ def test_resuming_from_a_saved_state_continues_the_same_batches():
                             process_count=1).make_iterator(state)
 
 
+def test_worker_processes_give_the_same_batches_and_resume_exactly():
+  config = _config("digits", image_size=8, num_channels=1, random_flip=True, uniform_dequantization=True)
+  config.training.batch_size, config.eval.batch_size = 32, 128
+
+  def streams(workers):
+    config.data.num_workers = workers
+    return datasets.get_dataset(config, process_index=0, process_count=1)
+
+  (train_ds, _), (train_mp, held_out_mp) = streams(0), streams(2)
+  assert (train_mp.num_workers, held_out_mp.num_workers) == (2, 0)  # the held-out stream gives one batch per eval
+  reference = [b["image"] for b in _take(train_ds.make_iterator(), 6)]
+  iterator = train_mp.make_iterator()
+  first = [b["image"] for b in _take(iterator, 3)]
+  state = json.loads(json.dumps(train_mp.iterator_state(iterator)))
+  iterator.close()
+  resumed = train_mp.make_iterator(state)  # new workers start at element 3
+  rest = [b["image"] for b in _take(resumed, 3)]
+  resumed.close()
+  assert state["position"] == 3 * 32
+  np.testing.assert_array_equal(np.stack(first + rest), np.stack(reference))
+  del reference, first, rest
+
+
+@pytest.mark.slow  # starts two more worker processes (about 5 s)
+def test_an_evaluation_pass_over_worker_processes_gives_every_element_once_in_order():
+  config = _config("digits", image_size=8, num_channels=1, random_flip=False, num_workers=2)
+  config.eval.batch_size = 128
+  held_out = datasets.get_dataset(config, evaluation=True, process_index=0, process_count=1)[1]
+  passes = [np.concatenate([b["label"][b["mask"]] for b in ds.make_iterator()])
+            for ds in (held_out, dataclasses.replace(held_out, num_workers=0))]
+  assert held_out.num_workers == 2 and held_out.num_batches == 3
+  np.testing.assert_array_equal(passes[0], passes[1])
+
+
 def test_configuration_errors_say_what_to_do():
   with pytest.raises(ValueError, match="not divisible by the number of processes.*multiple of 3"):
     datasets.build_pipeline(_ids(10), name="ids", batch_size=10, training=True, seed=0, process_index=0,
@@ -272,6 +307,9 @@ def test_configuration_errors_say_what_to_do():
     datasets.get_dataset(_config("digits"))
   with pytest.raises(ValueError, match="no closed-form density"):
     datasets.toy_density("swissroll")
+  with pytest.raises(ValueError, match="num_workers must be a non-negative integer"):
+    datasets.build_pipeline(_ids(10), name="ids", batch_size=2, training=True, seed=0, process_index=0,
+                            process_count=1, num_workers=-1)
 
 
 def test_toy_pipeline_from_config_carries_the_density():

@@ -264,6 +264,23 @@ def test_summary_counts_parameters_without_compiling(capsys):
   assert count > h[0] * h[1] + h[1] * h[2]
 
 
+def test_summary_memory_report_and_largest_batch(capsys, monkeypatch):
+  from main import summary  # pylint: disable=g-import-not-at-top
+  from score_sde import memory  # pylint: disable=g-import-not-at-top
+
+  def step_memory(config, mesh, per_device_batch=None, name="as configured"):  # no compilation: 1 MiB + 1 KiB / example
+    per_device_batch = per_device_batch or config.training.batch_size
+    if config.model.remat:
+      return memory.StepMemory(name, per_device_batch, refused="config.model.remat=True: The mlp network has no remat")
+    return memory.StepMemory(name, per_device_batch, arguments=2**20, temporaries=2**10 * per_device_batch)
+
+  monkeypatch.setattr(memory, "step_memory", step_memory)
+  summary(vp_8gaussians.get_config(), memory_gb=2 / 1024)
+  out = capsys.readouterr().out
+  assert "from XLA's buffer assignment on cpu" in out and "as configured" in out and "not available" in out
+  assert "largest per-device batch within 0.00195312 GiB (as configured): 1024" in out
+
+
 def test_import_an_original_checkpoint_then_use_it(tmp_path):
   from tests import test_paper_models as paper  # pylint: disable=g-import-not-at-top
   config, model, io, ckpt = paper.load_fixture("ddpm_vp_ch22")   # skips when the fixtures are absent

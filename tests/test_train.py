@@ -321,3 +321,20 @@ def test_a_relative_workdir_works(straight, tmp_path, monkeypatch):
   assert result.workdir == str(tmp_path / "runs" / "relative")
   assert checkpoints.list_steps("runs/relative") == [4, 6, 8]
   assert_bitwise_equal(result.state, straight.state)
+
+
+def test_profile_steps_write_a_trace_into_the_tensorboard_folder(tmp_path):
+  no_snapshots = {"training.snapshot_sampling": False}
+  config = toy_config(**{"training.profile_steps": 2, "training.n_iters": 4}, **no_snapshots)
+  train.train(config, tmp_path)
+  runs = list((tmp_path / "tensorboard" / "plugins" / "profile").iterdir())
+  assert len(runs) == 1, runs
+  files = {p.name: p.stat().st_size for p in runs[0].iterdir()}
+  assert any(name.endswith(".xplane.pb") for name in files) and "perfetto_trace.json.gz" in files, files
+  assert all(size > 0 for size in files.values()), files
+  # A resumed launch past profile_start + profile_steps traces nothing more.
+  config = toy_config(**{"training.profile_steps": 2, "training.profile_start": 1, "training.n_iters": 6},
+                      **no_snapshots)
+  shutil.copytree(tmp_path, tmp_path / "again", ignore=shutil.ignore_patterns("tensorboard"))
+  train.train(config, tmp_path / "again")
+  assert not (tmp_path / "again" / "tensorboard" / "plugins").exists()
