@@ -61,6 +61,7 @@ def test_a_second_launch_loads_every_program_from_the_cache(tmp_path, restore_ja
   listener = lambda event, **kwargs: events.update([event.rsplit("/", 1)[-1]])
   jax.monitoring.register_event_listener(listener)
   try:
+    jax.clear_caches()  # a fresh process: no program in memory from the tests that ran before in this one
     train.train(_tiny_config(), tmp_path / "run1")
     first = dict(events)
     entries = sorted(p.name for p in (tmp_path / "run1" / "compilation_cache").rglob("*-cache"))
