@@ -190,14 +190,19 @@ def _report_likelihood(result) -> None:
   value = "bits/dim" if result["unit"] == "bits/dim" else "log p (nats)"
   lines = [f"likelihood of {len(result['values'])} {result['split']} examples{source} at step {result['step']}"
            f"{kept}; {'; '.join(settings)}",
-           f"  {'estimator':<10}{'dequantizer':<18}{value:>13}{'s.e.':>9}{'vs row 1':>11}{'s.e.':>9}"
+           f"  {'estimator':<10}{'dequantizer':<18}{value:>13}{'s.e.':>9}{'vs first':>11}{'s.e.':>9}"
            f"{'NFE/example':>13}{'examples/s':>12}"]
-  for i, row in enumerate(result["rows"]):
-    versus = f"{row['difference']:>+11.4f}{row['difference_sem']:>9.4f}" if i else f"{'':>11}{'':>9}"
+  firsts = {}
+  for row in result["rows"]:
+    first = firsts.setdefault(row["estimator"], row) is row  # the estimator's first dequantiser: the baseline
+    versus = f"{'':>11}{'':>9}" if first else f"{row['difference']:>+11.4f}{row['difference_sem']:>9.4f}"
     lines.append(f"  {row['estimator']:<10}{row['dequantizer'] or '-':<18}{row['mean']:>13.4f}{row['sem']:>9.4f}"
                  f"{versus}{row['nfe']:>13.1f}{row['examples_per_second']:>12.1f}")
   if result["exact_mean"] is not None:
     lines.append(f"  the data's exact density: {result['exact_mean']:.4f} nats")
+  if len(result["rows"]) > 1:
+    lines.append("  vs first: the paired difference to the estimator's first dequantiser on the same examples and "
+                 "noise, with its standard error")
   lines.append(f"  per-example values: {result['npz']}")
   _say("\n".join(lines))
 

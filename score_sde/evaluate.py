@@ -249,7 +249,7 @@ def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
 
   Returns:
     {"rows": [{"estimator", "dequantizer", "mean", "sem", "difference" and "difference_sem" (paired, against the
-    first row), "nfe", "examples_per_second", "compile_seconds"}],
+    same estimator's first dequantiser), "nfe", "examples_per_second", "compile_seconds"}],
     "values" / "mean" / "sem" of the first row, "unit" ("bits/dim" or "nats"), "split", "step", "npz",
     "settings", "kept", "source" (where the split's examples come from), "exact_mean" (the true density's
     mean log p of the same points for toy sets with one, else None), "row_values" {row name: (N,)} when computed}.
@@ -318,8 +318,9 @@ def likelihood(config: ml_collections.ConfigDict, workdir: str | epath.PathLike,
   for pair in pairs:
     v = np.concatenate(values[pair])[:total]
     mean, sem = _mean_and_sem(v)
-    # Against the first row on the same examples and noise: the paired difference and its standard error.
-    difference, difference_sem = _mean_and_sem(v - np.concatenate(values[pairs[0]])[:total])
+    # Against the same estimator's first dequantiser, on the same examples and noise: the paired difference.
+    base = next(p for p in pairs if p[0] == pair[0])
+    difference, difference_sem = _mean_and_sem(v - np.concatenate(values[base])[:total])
     rows.append({"estimator": pair[0], "dequantizer": pair[1], "mean": mean, "sem": sem,
                  "difference": difference, "difference_sem": difference_sem,
                  "nfe": float(np.mean(nfes[pair])), "examples_per_second": len(v) / max(seconds[pair], 1e-9),
