@@ -114,36 +114,41 @@ def variant_memory(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 def largest_fitting(total_bytes: Callable[[int], int], limit: int, guess: int) -> int:
   """The largest b >= 1 with ``total_bytes(b) <= limit`` (0 if none), for a ``total_bytes`` rising with b.
 
-  Each evaluation is a compilation, so a line through b = ``guess`` and 2 ``guess`` (memory is close to
-  affine in the batch) predicts the answer, which is checked; otherwise steps of growing size from the
-  prediction bracket it, and bisection finishes.
+  Each evaluation is a compilation, and memory is close to affine in the batch, so each b is where the
+  line through the last two evaluations meets ``limit`` (from b = ``guess`` and 2 ``guess``), kept
+  inside the bracket (largest b that fits, smallest that does not). A step that lands on the bracket's
+  edge, or leaves more than half of it, is followed by one that halves it (doubles b while nothing is
+  known not to fit), so the search also ends on curves far from a line.
   """
   seen: dict[int, int] = {}
+  lo, hi = 0, None  # largest b known to fit, smallest b known not to fit
 
-  def fits(b: int) -> bool:
-    if b not in seen:
-      seen[b] = total_bytes(b)
-    return seen[b] <= limit
+  def evaluate(b: int) -> None:
+    nonlocal lo, hi
+    seen[b] = total_bytes(b)
+    if seen[b] <= limit:
+      lo = max(lo, b)
+    else:
+      hi = b if hi is None else min(hi, b)
 
-  if not fits(1):
+  evaluate(1)
+  if lo == 0:
     return 0
-  guess = max(1, guess)
-  fits(guess)
-  fits(2 * guess)
-  slope = max((seen[2 * guess] - seen[guess]) / guess, 1.0)
-  estimate = max(1, guess + int((limit - seen[guess]) // slope))
-  if fits(estimate):
-    if not fits(estimate + 1):  # memory affine in the batch: the line was exact
-      return estimate
-    lo, step = estimate + 1, max(1, estimate // 32)
-    while fits(lo + step):  # step up until a batch does not fit
-      lo, step = lo + step, 2 * step
-    hi = lo + step
-  else:
-    lo, hi = max(b for b, used in seen.items() if used <= limit), estimate
-  while hi - lo > 1:  # bisection, geometric while the bracket spans more than a factor of 2
-    mid = min(max(int((lo * hi) ** 0.5) if hi > 2 * lo else (lo + hi) // 2, lo + 1), hi - 1)
-    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  guess = max(2, guess)
+  for b in (guess, 2 * guess):
+    if hi is None:
+      evaluate(b)
+  (b1, b2), halve = sorted(seen)[-2:], False
+  while hi is None or hi - lo > 1:
+    width = None if hi is None else hi - lo
+    if halve:
+      b = 2 * lo if hi is None else (int((lo * hi) ** 0.5) if hi > 2 * lo else (lo + hi) // 2)
+    else:
+      b = b2 + int((limit - seen[b2]) // max((seen[b2] - seen[b1]) / (b2 - b1), 1.0))
+    clamped = max(b, lo + 1) if hi is None else min(max(b, lo + 1), hi - 1)
+    evaluate(clamped)
+    b1, b2 = b2, clamped
+    halve = not halve and (clamped != b or (width is not None and hi is not None and hi - lo > width / 2))
   return lo
 
 
