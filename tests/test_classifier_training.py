@@ -78,6 +78,7 @@ def test_restored_classifier_is_the_ema_and_classifies_clean_points(run):
     builders.restore_score_model(config, result.workdir)
 
 
+@pytest.mark.slow  # main.py's --mode sample path
 def test_mode_sample_with_classifier_guidance(run, tmp_path):
   """A score model's ``--mode sample`` path guided by the classifier's workdir writes labelled samples."""
   _, result = run

@@ -55,6 +55,7 @@ def _tiny_config():
   return c
 
 
+@pytest.mark.slow  # two launches of a run
 def test_a_second_launch_loads_every_program_from_the_cache(tmp_path, restore_jax_cache_settings):
   cache = compilation_cache.configure("auto", tmp_path / "run1")
   events = collections.Counter()

@@ -259,6 +259,7 @@ def test_resuming_from_a_saved_state_continues_the_same_batches():
                             process_count=1).make_iterator(state)
 
 
+@pytest.mark.slow  # spawns grain worker processes
 def test_worker_processes_give_the_same_batches_and_resume_exactly():
   config = _config("digits", image_size=8, num_channels=1, random_flip=True, uniform_dequantization=True)
   config.training.batch_size, config.eval.batch_size = 32, 128

@@ -162,6 +162,7 @@ def test_a_variational_dequantiser_trained_on_the_density_beats_uniform(case, un
   assert g_uniform - g_var > 10 * math.hypot(se_var, se_uniform), (g_var, g_uniform)
 
 
+@pytest.mark.slow  # trains a flow for 200 steps
 def test_a_variational_dequantiser_trained_on_the_bound_of_a_frozen_score_beats_uniform(case, uniform_gap):
   # ScoreFlow's objective: the variational bound with the exact score of p under VP (the score
   # model, frozen), one time sample per example and step.

@@ -18,6 +18,8 @@ from score_sde import train
 from score_sde import builders
 from score_sde.models import inception
 
+pytestmark = pytest.mark.slow  # a training run, reference statistics and an evaluation per test: --mode eval
+
 
 def synthetic_inception(path):
   rng = np.random.default_rng(0)
@@ -59,7 +61,6 @@ def run(tmp_path_factory):
   return config, root, stats
 
 
-@pytest.mark.slow
 def test_reference_statistics_count_every_example(run):
   config, _, stats = run
   assert stats["num_examples"] == 297                      # the whole digits test split, 64 per batch
@@ -68,7 +69,6 @@ def test_reference_statistics_count_every_example(run):
     assert data["features"].shape == (297, 2048)
 
 
-@pytest.mark.slow
 def test_every_checkpoint_is_evaluated_and_summarised(run):
   config, root, _ = run
   result = evaluate.evaluate(config, root / "workdir", root / "eval")
@@ -117,7 +117,6 @@ def test_an_interrupted_evaluation_resumes_without_recomputing(run, monkeypatch)
     assert rows[1][key] == pytest.approx(reference[key], rel=1e-5, abs=1e-6), key
 
 
-@pytest.mark.slow
 def test_a_sampler_sweep_gives_one_row_per_checkpoint_and_sampler(run):
   """``eval.samplers``: each setting's samples, NFE, rate and quality in the digits classifier's feature space."""
   config, root, _ = run

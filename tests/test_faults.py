@@ -111,6 +111,7 @@ def test_more_than_max_skipped_steps_in_a_row_stop_the_run(tmp_path, monkeypatch
 # --- A failing save ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a run stopped by a failing save, then resumed
 def test_failed_save_names_the_directory_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
   """The disk is full from step 6 on: the run stops naming the directory, and resumes from step 4.
 

@@ -142,6 +142,7 @@ def _torch_reference(images, state_dict):
   return pool3.numpy(), F.linear(pool3, sd["fc.weight"], sd["fc.bias"]).numpy()
 
 
+@pytest.mark.slow  # the Inception network in JAX and in PyTorch
 def test_network_matches_a_pytorch_functional_reference(weights, forward):
   pytest.importorskip("torch", reason="the PyTorch reference needs torch (optional)")
   images, pool3, logits = forward

@@ -152,21 +152,21 @@ def test_group_norm_matches_the_grouped_statistics(shape, groups):
   """Against float64 statistics over the grouped axes; gradients against flax's GroupNorm."""
   x = 3.0 * jax.random.normal(jax.random.key(1), shape) + 2.0
   norm = layers.GroupNorm(num_groups=groups)
-  variables = norm.init(KEY, x)
+  variables = jax.eval_shape(norm.init, KEY, x)
   assert jax.tree.map(jnp.shape, variables) == {"params": {"scale": (shape[-1],), "bias": (shape[-1],)}}
   params = {"scale": 1.0 + jax.random.normal(jax.random.key(2), (shape[-1],)),
             "bias": jax.random.normal(jax.random.key(3), (shape[-1],))}
   x64 = np.asarray(x, np.float64).reshape(shape[0], -1, groups, shape[-1] // groups)
   mean, var = x64.mean(axis=(1, 3), keepdims=True), x64.var(axis=(1, 3), keepdims=True)
   expected = ((x64 - mean) / np.sqrt(var + 1e-6)).reshape(shape) * np.asarray(params["scale"]) + np.asarray(params["bias"])
-  out = norm.apply({"params": params}, x)
+  out = jax.jit(norm.apply)({"params": params}, x)
   assert out.dtype == jnp.float32
   # float32 sums of at most 1,600 terms of size ~5: a few units of float32 round-off, relative.
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   reference = nn.GroupNorm(num_groups=groups, epsilon=1e-6, use_fast_variance=False)
   weights = jax.random.normal(jax.random.key(4), shape)
-  grads = [jax.grad(lambda p, x, m=m: jnp.sum(jnp.tanh(m.apply({"params": p}, x)) * weights), argnums=(0, 1))(params, x)
-           for m in (norm, reference)]
+  grads = [jax.jit(jax.grad(lambda p, x, m=m: jnp.sum(jnp.tanh(m.apply({"params": p}, x)) * weights),
+                            argnums=(0, 1)))(params, x) for m in (norm, reference)]
   for ours, theirs in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(theirs))))
 

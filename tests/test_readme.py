@@ -119,7 +119,9 @@ def test_readme_commands_run(tmp_path):
     commands.append(command)
     argvs.append([*args[2:], *tiny])
   assert len(commands) >= 12
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=helpers.FAST_COMPILE_FLAGS)
+  # One compilation cache for every workdir (main.py's "auto" reads the variable), so a program compiles once.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=helpers.FAST_COMPILE_FLAGS,
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "compilation_cache"))
   proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(argvs)], cwd=tmp_path, env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -323,6 +323,7 @@ def test_a_relative_workdir_works(straight, tmp_path, monkeypatch):
   assert_bitwise_equal(result.state, straight.state)
 
 
+@pytest.mark.slow  # a run with the profiler
 def test_profile_steps_write_a_trace_into_the_tensorboard_folder(tmp_path):
   no_snapshots = {"training.snapshot_sampling": False}
   config = toy_config(**{"training.profile_steps": 2, "training.n_iters": 4}, **no_snapshots)

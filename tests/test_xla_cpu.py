@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from score_sde import xla_cpu
 
 # Compiles one 3x3 convolution after importing the package; prints how many YNNPACK fusions hold it.
@@ -44,6 +46,7 @@ def _ynn_convolutions(xla_flags: str, configure: bool) -> int:
   return int(out.stdout.split()[-1])
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_importing_changes_nothing_and_configure_moves_convolutions_off_ynnpack():
   assert _ynn_convolutions("", configure=False) == 1   # XLA's default: the convolution is a YNNPACK fusion
   assert _ynn_convolutions("", configure=True) == 0
