@@ -145,8 +145,9 @@ def lsun(directory: pathlib.Path, n: int):
   return _tfds_set(directory, "bench_lsun", features, examples)
 
 
-def _tfrecord(record: bytes) -> bytes:
-  # Length, its masked CRC-32C, the record, and a data CRC that the reader does not check (zero here).
+def tfrecord(record: bytes) -> bytes:
+  """One TFRecord frame: length, its masked CRC-32C, the record, and a data CRC that the reader does not check
+  (zero here)."""
   header = len(record).to_bytes(8, "little")
   crc = datasets._masked_crc(header)  # pylint: disable=protected-access
   return header + crc.to_bytes(4, "little") + record + bytes(4)
@@ -178,7 +179,7 @@ def dataset_tool(directory: pathlib.Path, n: int, size: int):
     rng = np.random.default_rng(3)
     with open(f"{path}.tmp", "wb") as f:
       for _ in range(n):
-        f.write(_tfrecord(dataset_tool_example(natural_image(rng, size, size, 2.0).transpose(2, 0, 1))))
+        f.write(tfrecord(dataset_tool_example(natural_image(rng, size, size, 2.0).transpose(2, 0, 1))))
     os.replace(f"{path}.tmp", path)
   return datasets.TFRecordSource([path])
 

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
 from configs import default
+from experiments import bench_input
 from score_sde import datasets
 from tests import stats
 
@@ -518,36 +519,6 @@ def test_image_folder_without_data_dir_says_what_to_set():
     datasets.get_dataset(_config("FFHQ", image_size=256, random_flip=False))
 
 
-def _pb_varint(value):
-  out = bytearray()
-  while True:
-    byte, value = value & 0x7F, value >> 7
-    out.append(byte | (0x80 if value else 0))
-    if not value:
-      return bytes(out)
-
-
-def _pb_field(number, payload):
-  return _pb_varint(number << 3 | 2) + _pb_varint(len(payload)) + payload
-
-
-def _dataset_tool_example(image_chw):
-  """A tf.train.Example as StyleGAN's dataset tool writes it, encoded here by hand."""
-  shape = _pb_field(3, _pb_field(1, b"".join(_pb_varint(d) for d in image_chw.shape)))   # int64_list, packed
-  data = _pb_field(1, _pb_field(1, image_chw.tobytes()))                                 # bytes_list
-  entries = _pb_field(1, _pb_field(1, b"shape") + _pb_field(2, shape)) + \
-      _pb_field(1, _pb_field(1, b"data") + _pb_field(2, data))
-  return _pb_field(1, entries)
-
-
-def _write_tfrecords(path, records):
-  with open(path, "wb") as f:
-    for record in records:
-      header = len(record).to_bytes(8, "little")
-      f.write(header + datasets._masked_crc(header).to_bytes(4, "little") + record +
-              datasets._masked_crc(record).to_bytes(4, "little"))
-
-
 def test_crc32c_check_value():
   assert datasets._crc32c(b"123456789") == 0xE3069283   # the standard CRC-32C check value
 
@@ -555,7 +526,8 @@ def test_crc32c_check_value():
 def test_dataset_tool_tfrecords_without_tensorflow(tmp_path):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (5, 3, 8, 8), dtype=np.uint8)          # CHW, as the tool stores them
-  _write_tfrecords(tmp_path / "ffhq-r03.tfrecords", [_dataset_tool_example(im) for im in images])
+  (tmp_path / "ffhq-r03.tfrecords").write_bytes(  # the benchmark's mock records: StyleGAN's dataset tool layout
+      b"".join(bench_input.tfrecord(bench_input.dataset_tool_example(im)) for im in images))
   config = _config("FFHQ", image_size=8, random_flip=False, data_dir=str(tmp_path / "ffhq-r03.tfrecords"))
   config.eval.batch_size = 5
   _, eval_ds = datasets.get_dataset(config, evaluation=True)
