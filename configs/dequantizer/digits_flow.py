@@ -15,15 +15,17 @@ def get_config():
   training.objective = "dequantizer"
   training.snapshot_sampling = False
   training.final_evaluation = False
-  training.n_iters = 1000
-  training.eval_freq = 100
-  training.snapshot_freq = 500
+  training.n_iters = 600
+  training.batch_size = 64
+  training.log_freq = 50
+  training.eval_freq = 200
+  training.snapshot_freq = 200
   training.snapshot_freq_for_preemption = 100
   config.data.uniform_dequantization = False   # the flow sees the 8-bit images themselves
   dequantizer = config.dequantizer
   dequantizer.score_workdir = "runs/digits"
   dequantizer.features = 32
   dequantizer.num_steps = 2
-  dequantizer.time_samples = 1
+  dequantizer.time_samples = 4   # bound times per image and step (64 x 4 per step)
   config.optim.warmup = 100
   return config
