@@ -98,14 +98,12 @@ class SDE(abc.ABC):
   def prior_logp(self, z: Array) -> Array:
     """Natural-log density of the prior at ``z`` (B, ...); returns (B,)."""
 
+  @abc.abstractmethod
   def prior_cross_entropy(self, mean: Array, std: Array) -> Array:
     """E[-log p_T(x)] for x ~ N(mean, std^2 I), in closed form: mean (B, ...), std (B,); returns (B,).
 
-    The prior term of the variational bound (``score_sde.bound``); SDEs with a Gaussian prior
-    define it, others raise ``NotImplementedError``.
+    The prior term of the variational bound (``score_sde.bound``).
     """
-    raise NotImplementedError(f"{type(self).__name__} has no closed-form prior cross-entropy; define "
-                              f"prior_cross_entropy to use the variational bound.")
 
   def _table_levels(self, t: Array) -> tuple[Array, Array, Array, Array]:
     """(a, sigma_s, sigma_t, v) of the original's fixed table at index round(t (N - 1))."""
