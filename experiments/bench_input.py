@@ -216,9 +216,7 @@ SETS = {
 
 def _size_kib(source) -> float:
   """Mean stored bytes per example."""
-  if isinstance(source, datasets.TFRecordSource):
-    return sum(p.stat().st_size for p in source.paths) / len(source) / 1024
-  if isinstance(source, datasets.ImageFileSource):
+  if isinstance(source, (datasets.TFRecordSource, datasets.ImageFileSource)):
     return sum(p.stat().st_size for p in source.paths) / len(source) / 1024
   return sum(len(source.data_source[i]) for i in range(min(len(source), 64))) / min(len(source), 64) / 1024
 

@@ -243,7 +243,8 @@ def score_run_config(config: ml_collections.ConfigDict, workdir: str | epath.Pat
                             f"or point the field at its workdir.")
   score_config = ml_collections.ConfigDict(json.loads(path.read_text()))
   if score_config.training.objective != "score":
-    raise ValueError(f"{field} holds a {score_config.training.objective!r} run, not a score model.")
+    raise ValueError(f"{field} holds a {score_config.training.objective!r} run, not a score model; set "
+                     f"--config.dequantizer.score_workdir to the workdir of a score model's run.")
   fields = ("dataset", "image_size", "num_channels", "centered")
   if any(str(score_config.data[f]).lower() != str(config.data[f]).lower() for f in fields):
     raise ValueError(f"The score model of {field} was trained on data {[score_config.data[f] for f in fields]} "
@@ -539,10 +540,12 @@ def build_dequantizer(config: ml_collections.ConfigDict, sde: sde_lib.SDE, name:
                             f"configs/dequantizer/digits_flow.py) and set the field to its workdir.")
   deq_config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   if deq_config.training.objective != "dequantizer":
-    raise ValueError(f"{field} holds a {deq_config.training.objective!r} run, not a dequantiser.")
+    raise ValueError(f"{field} holds a {deq_config.training.objective!r} run, not a dequantiser; set "
+                     f"--config.eval.dequantizer_workdir to a run of training.objective='dequantizer'.")
   if example_shape(deq_config) != example_shape(config):
     raise ValueError(f"The dequantiser of {field} was trained on examples of shape {example_shape(deq_config)}, "
-                     f"these are {example_shape(config)}.")
+                     f"these are {example_shape(config)}; train a dequantiser on this score model's data "
+                     f"(dequantizer.score_workdir) and point the field at it.")
   return restore(deq_config, workdir, devices=devices).fn
 
 

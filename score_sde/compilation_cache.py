@@ -17,6 +17,7 @@ import re
 
 import jax
 from etils import epath
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 AUTO, OFF = "auto", "off"
 FOLDER = "compilation_cache"   # under the workdir
@@ -58,8 +59,8 @@ def configure(setting: str = AUTO, workdir: str | os.PathLike | None = None) -> 
   """Points JAX's persistent compilation cache at ``resolve(setting, workdir)/<machine_tag()>``.
 
   Every program is cached, however quick to compile (a relaunch then compiles nothing). ``"off"``
-  disables the cache, even one set through ``$JAX_COMPILATION_CACHE_DIR``. Call it before anything
-  compiles: JAX opens the cache at the first compilation and keeps it for the process.
+  disables the cache, even one set through ``$JAX_COMPILATION_CACHE_DIR``. Programs compiled before the
+  call are not in it; a cache JAX already opened is closed and the new folder opened at the next compilation.
 
   Returns:
     The cache folder, or None when the cache is off.
@@ -83,4 +84,5 @@ def configure(setting: str = AUTO, workdir: str | os.PathLike | None = None) -> 
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  jax_cache.reset_cache()  # a cache opened by an earlier compilation (e.g. at $JAX_COMPILATION_CACHE_DIR) reopens here
   return str(path)

@@ -643,11 +643,11 @@ def _read(source: Sequence[dict[str, Any]], ids: np.ndarray, image_size: int | N
   return images, labels.astype(np.int32)
 
 
-def _to_unit(out: np.ndarray, image: np.ndarray, rng: np.random.Generator | None, random_flip: bool,
+def _to_unit(out: np.ndarray, image: np.ndarray, rng: np.random.Generator, random_flip: bool,
              dequantize: bool) -> None:
   """Writes the uint8 ``image`` into float32 ``out`` as image / 255, or dequantised, (image + U[0, 1)) / 256,
   flipped horizontally with probability 1/2 when ``random_flip`` (one pass over the pixels)."""
-  if rng is not None and rng.random() < 0.5 and random_flip:  # the coin is always drawn: flips do not depend
+  if rng.random() < 0.5 and random_flip:  # the coin is always drawn: flips do not depend
     image = image[:, ::-1]                                         # on dequantize
   if dequantize:
     np.add(image, rng.random(image.shape, dtype=np.float32), out=out)
@@ -661,6 +661,14 @@ try:  # grain's array in shared memory: a worker's batch built in it reaches the
   _SharedMemoryArray = _shm.SharedMemoryArray
 except (ImportError, AttributeError):  # another grain version: grain copies the batch into shared memory itself
   _SharedMemoryArray = None
+
+
+NUM_THREADS = 4  # grain's reading threads in the training process when it reads without worker processes
+
+
+def _read_options(num_threads: int = NUM_THREADS) -> grain.ReadOptions:
+  """grain's in-process reading: ``num_threads`` threads, 8 elements prefetched."""
+  return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=8)
 
 
 def _new_batch(shape: tuple[int, ...], shared: bool) -> np.ndarray:
@@ -718,14 +726,14 @@ class _Batches:
       images, label[mask] = _read(self.source, ids[mask], self.image_size, self.prepare)
       if images[0].dtype != np.uint8:
         data[mask] = images
-      else:  # each image scaled (and augmented) straight into its row of the batch
+      elif not (self.random_flip or self.dequantize):
+        data[mask] = np.divide(images, np.float32(255.0), dtype=np.float32)
+      else:  # each image scaled and augmented straight into its row of the batch
         rows = data.reshape(-1, *self.element_shape)
-        augment = self.random_flip or self.dequantize
         for i, (row, example, e) in enumerate(zip(np.flatnonzero(mask), ids[mask], epoch[mask])):
           # Keyed by (example, epoch): the same draw whatever the batch size or number of hosts.
           key = (self.augment_seed << 96) + (int(example) << 32) + int(e)
-          rng = np.random.Generator(np.random.PCG64(key)) if augment else None
-          _to_unit(rows[row], images[i], rng, self.random_flip, self.dequantize)
+          _to_unit(rows[row], images[i], np.random.Generator(np.random.PCG64(key)), self.random_flip, self.dequantize)
     if self.n_jitted_steps == 1:
       data, label, mask = data[0], label[0], mask[0]
     return {"image": data, "label": label, "mask": mask}
@@ -802,8 +810,7 @@ class Pipeline:
   density: analytic.GaussianMixture | None
   seed: int
   process_count: int
-  read_options: grain.ReadOptions = dataclasses.field(default_factory=lambda: grain.ReadOptions(
-      num_threads=4, prefetch_buffer_size=8))
+  read_options: grain.ReadOptions
   num_workers: int = 0
   source_note: str = ""
 
@@ -927,7 +934,7 @@ def build_pipeline(source: Sequence[dict[str, Any]], *, name: str, batch_size: i
       batches=batches, name=name, num_examples=len(source), training=training, batch_size=batch_size,
       per_host_batch_size=per_host, n_jitted_steps=n_jitted_steps, num_batches=num_batches,
       element_shape=element_shape, eight_bit=eight_bit, density=density, seed=seed, process_count=process_count,
-      read_options=read_options or grain.ReadOptions(num_threads=4, prefetch_buffer_size=8), num_workers=num_workers)
+      read_options=read_options or _read_options(), num_workers=num_workers)
 
 
 # --- From a config ----------------------------------------------------------------------------
@@ -987,7 +994,7 @@ def get_dataset(config: ml_collections.ConfigDict, *, evaluation: bool = False,
     raise ValueError(f"Unknown data set {data.dataset!r}; valid choices (case-insensitive): "
                      f"{sorted(TOY_DATASETS) + sorted(IMAGE_DATASETS)}. Set config.data.dataset.")
 
-  read_options = grain.ReadOptions(num_threads=data.get("num_threads", 4), prefetch_buffer_size=8)
+  read_options = _read_options(data.get("num_threads", NUM_THREADS))
   build = functools.partial(
       build_pipeline, batch_size=batch_size, training=not evaluation, seed=seed, image_size=image_size,
       prepare=prepare, uniform_dequantization=dequantize, n_jitted_steps=n_jitted,

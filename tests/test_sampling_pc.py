@@ -335,6 +335,7 @@ def test_bad_options_raise_errors_naming_the_valid_choices():
       (dict(predictor="heun"), "valid choices"),
       (dict(corrector="mala"), "valid choices"),
       (dict(step_rule="global"), "valid choices"),
+      (dict(corrector="ald", step_rule="global"), "valid choices"),   # checked whichever corrector runs
       (dict(predictor="none", corrector="none"), "choose a predictor"),
       (dict(predictor="ancestral_sampling", probability_flow=True), "reverse_diffusion"),
       (dict(num_steps=0), "positive integer"),

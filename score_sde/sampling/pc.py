@@ -10,7 +10,6 @@ Sample i draws everything from fold_in(key, first_index + i). Grid, randomness, 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Callable
 
 import equinox as eqx
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 
 from score_sde import sde as sde_lib
 from score_sde.sampling import projection as projection_lib
-from score_sde.sampling.correctors import CORRECTORS
+from score_sde.sampling.correctors import CORRECTORS, STEP_RULES
 from score_sde.sampling.predictors import PREDICTORS
 
 Array = jax.Array
@@ -31,18 +30,15 @@ def _split(keys: Array, num: int) -> tuple[Array, ...]:
   return tuple(jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, num))(keys), 1, 0))
 
 
-def _build(table: dict[str, type], kind: str, name: str, options: dict, defaults: dict, strict: tuple[str, ...]):
-  """``table[name]`` built with the options it declares. Options it lacks do not apply to it, except that one
-  of ``strict`` set away from its default is refused (e.g. ``probability_flow`` for ancestral sampling)."""
+def _fields(cls: type) -> set[str]:
+  return {f.name for f in dataclasses.fields(cls)}
+
+
+def _build(table: dict[str, type], kind: str, name: str, options: dict):
+  """``table[name]`` built with the options it declares (the others do not apply to it)."""
   if name not in table:
     raise ValueError(f"Unknown {kind} {name!r}; valid choices: {sorted(table)}.")
-  declared = lambda cls: {f.name for f in dataclasses.fields(cls)}
-  refused = sorted(k for k in strict if k not in declared(table[name]) and options[k] != defaults[k])
-  if refused:
-    takers = sorted(other for other, cls in table.items() if set(refused) <= declared(cls))
-    raise ValueError(f"The {kind} {name!r} has no {refused}; set it back to {[defaults[k] for k in refused]}, or "
-                     f"choose a {kind} that has it: {takers}.")
-  return table[name](**{k: v for k, v in options.items() if k in declared(table[name])})
+  return table[name](**{k: v for k, v in options.items() if k in _fields(table[name])})
 
 
 def get_pc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, predictor: str = "reverse_diffusion",
@@ -61,11 +57,14 @@ def get_pc_sampler(sde: sde_lib.SDE, shape: tuple[int, ...], *, predictor: str =
   if predictor == "none" and corrector == "none":
     raise ValueError("predictor='none' with corrector='none' would not sample at all; choose a predictor "
                      f"from {sorted(PREDICTORS)} or a corrector from {sorted(CORRECTORS)}.")
-  defaults = {name: p.default for name, p in inspect.signature(get_pc_sampler).parameters.items()}
-  pred = _build(PREDICTORS, "predictor", predictor, {"probability_flow": bool(probability_flow)}, defaults,
-                strict=("probability_flow",))
-  corr = _build(CORRECTORS, "corrector", corrector, {"snr": snr, "n_steps": n_steps, "step_rule": step_rule},
-                defaults, strict=())
+  pred = _build(PREDICTORS, "predictor", predictor, {"probability_flow": bool(probability_flow)})
+  if probability_flow and "probability_flow" not in _fields(type(pred)):
+    takers = sorted(n for n, cls in PREDICTORS.items() if "probability_flow" in _fields(cls))
+    raise ValueError(f"The predictor {predictor!r} has no probability_flow; set probability_flow=False, or choose "
+                     f"a predictor that has it: {takers}.")
+  if step_rule not in STEP_RULES:  # checked whichever corrector runs, so a misspelt setting cannot wait unseen
+    raise ValueError(f"Unknown step_rule {step_rule!r}; valid choices: {STEP_RULES}.")
+  corr = _build(CORRECTORS, "corrector", corrector, {"snr": snr, "n_steps": n_steps, "step_rule": step_rule})
   num_steps = sde.N if num_steps is None else num_steps
   if int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f"num_steps must be a positive integer, got {num_steps}.")
