@@ -336,6 +336,36 @@ def build_step_fns(config: ml_collections.ConfigDict, sde: sde_lib.SDE, network,
   return init_state, train_fn, eval_fn
 
 
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The jitted programs of a training run and the shardings they take."""
+
+  init: Callable
+  train: Callable
+  eval: Callable
+  state_sharding: Any
+  batch_sharding: Any
+  state_shapes: Any
+
+
+def build_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, sde: sde_lib.SDE, network,
+                   example: tuple[int, ...], init_key: jax.Array) -> Programs:
+  """The training loop's jitted init / train / eval programs: state replicated (or split over "fsdp") and donated
+  to the train step, batches sharded over the whole mesh (axis 1 when ``n_jitted_steps`` > 1). ``init_key`` may be
+  abstract (``jax.eval_shape``) where only the programs' shapes are needed."""
+  init_state, train_fn, eval_fn = build_step_fns(config, sde, network, example)
+  replicated = parallel.replicated(mesh)
+  batch_sharding = parallel.batch_sharding(mesh, 0 if config.training.n_jitted_steps == 1 else 1)
+  state_shapes = jax.eval_shape(init_state, init_key)
+  state_sharding = parallel.state_sharding(state_shapes, mesh)
+  return Programs(
+      init=jax.jit(init_state, out_shardings=state_sharding),
+      train=jax.jit(train_fn, in_shardings=(replicated, state_sharding, batch_sharding),
+                    out_shardings=(state_sharding, replicated), donate_argnums=1),
+      eval=jax.jit(eval_fn, in_shardings=(replicated, state_sharding, batch_sharding), out_shardings=replicated),
+      state_sharding=state_sharding, batch_sharding=batch_sharding, state_shapes=state_shapes)
+
+
 def build_eval_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, network) -> Callable:
   """``fn(key, params, batch) -> (B,)``: each example's training objective (``train=False``)."""
   loss_fn, inputs = build_loss_fn(config, sde, network, train=False), _inputs(config, network)
@@ -795,9 +825,10 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None =
                        "set it to the workdir of a trained dequantiser (training.objective='dequantizer').")
 
 
-__all__ = ["DEQUANTIZERS", "ESTIMATORS", "OBJECTIVES", "Restored", "SAMPLER_FIELDS", "SCORE_CONFIG",
+__all__ = ["DEQUANTIZERS", "ESTIMATORS", "OBJECTIVES", "Programs", "Restored", "SAMPLER_FIELDS", "SCORE_CONFIG",
            "abstract_params", "build_dequantizer", "build_eval_loss_fn", "build_guided_score_fns",
-           "build_likelihood_fn", "build_loss_fn", "build_network", "build_optimizer", "build_sampler", "build_sde",
-           "build_step_fns", "check_guidance", "check_training", "eval_sampler_configs", "example_shape",
-           "init_params", "is_image_set", "likelihood_rows", "likelihood_tag", "parse_sampler_settings", "restore",
-           "restore_score_model", "sampler_tag", "sampling_options", "score_run_config", "validate", "with_sampling"]
+           "build_likelihood_fn", "build_loss_fn", "build_network", "build_optimizer", "build_programs",
+           "build_sampler", "build_sde", "build_step_fns", "check_guidance", "check_training", "eval_sampler_configs",
+           "example_shape", "init_params", "is_image_set", "likelihood_rows", "likelihood_tag",
+           "parse_sampler_settings", "restore", "restore_score_model", "sampler_tag", "sampling_options",
+           "score_run_config", "validate", "with_sampling"]

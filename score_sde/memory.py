@@ -3,8 +3,8 @@
     rows = memory.variant_memory(config, mesh)                  # as configured, remat, bfloat16, both
     batch, row = memory.largest_batch(config, mesh, 16 * 2**30)  # the largest per-device batch in 16 GiB
 
-The step is the training loop's (``train._compile``): ``builders.build_step_fns``'s ``train_fn`` under
-``jax.jit`` over the mesh, state donated, ``training.n_jitted_steps`` optimiser steps per call. It is
+The step is the training loop's own program (``builders.build_programs``): ``train_fn`` under ``jax.jit``
+over the mesh, state donated, ``training.n_jitted_steps`` optimiser steps per call. It is
 lowered on abstract arguments and compiled for this process's backend; figures are per device.
 Buffer assignment differs between CPU, GPU and TPU, so figures hold for the backend that made them.
 """
@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from score_sde import builders
-from score_sde import parallel
 
 # Model options the report compares, as config.model overrides: {name: overrides}.
 VARIANTS: dict[str, dict[str, object]] = {
@@ -64,21 +63,17 @@ def with_model_options(config: ml_collections.ConfigDict, **options) -> ml_colle
 
 
 def lower_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, per_device_batch: int):
-  """The loop's train step lowered on abstract (key, state, batch) for ``per_device_batch`` examples per device."""
-  sde, network = builders.build_sde(config), builders.build_network(config)
+  """The loop's train step (``builders.build_programs``) lowered on abstract (key, state, batch) for
+  ``per_device_batch`` examples per device."""
   example = builders.example_shape(config)
-  init_state, train_fn, _ = builders.build_step_fns(config, sde, network, example)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  state_shapes = jax.eval_shape(init_state, key)
-  state_sharding = parallel.state_sharding(state_shapes, mesh)
+  programs = builders.build_programs(config, mesh, builders.build_sde(config), builders.build_network(config),
+                                     example, key)
   k = config.training.n_jitted_steps
   lead = (k,) if k > 1 else ()
   batch = {"image": jax.ShapeDtypeStruct(lead + (per_device_batch * mesh.devices.size,) + example, jnp.float32),
            "label": jax.ShapeDtypeStruct(lead + (per_device_batch * mesh.devices.size,), jnp.int32)}
-  replicated = parallel.replicated(mesh)
-  step = jax.jit(train_fn, in_shardings=(replicated, state_sharding, parallel.batch_sharding(mesh, len(lead))),
-                 out_shardings=(state_sharding, replicated), donate_argnums=1)
-  return step.lower(key, state_shapes, batch)
+  return programs.train.lower(key, programs.state_shapes, batch)
 
 
 def step_memory(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, per_device_batch: int | None = None,

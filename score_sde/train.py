@@ -255,14 +255,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
     raise FileExistsError(f"--workdir {workdir} is a file, not a directory; pass a directory for the run (it is "
                           f"created if missing).")
   data = datasets.get_dataset(config)  # missing data (or score model) is reported before the workdir is touched
-  if t.objective == "dequantizer":
-    builders.score_run_config(config)
+  score_config = builders.score_run_config(config) if t.objective == "dequantizer" else None
   is_host0 = jax.process_index() == 0
   if is_host0:
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints.write_config(config, workdir)
-    if t.objective == "dequantizer":  # the frozen score model's config travels with the run
-      (workdir / builders.SCORE_CONFIG).write_text(builders.score_run_config(config).to_json_best_effort(indent=2))
+    if score_config is not None:  # the frozen score model's config travels with the run
+      (workdir / builders.SCORE_CONFIG).write_text(score_config.to_json_best_effort(indent=2))
   with checkpoints.quiet_orbax():
     writer = None
     if is_host0:  # imported here: tensorboardX imports PyTorch when it is installed (seconds), other hosts skip it
@@ -272,41 +271,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
                                     preemption_freq=t.snapshot_freq_for_preemption, keep=t.keep_checkpoints)
     try:
       with parallel.PreemptionNotice() as notice:  # SIGTERM: save at the end of the current call, then return
-        names = ("training_loss", "grad_norm", "lr", "eval_loss") + (("skipped_steps",) if t.nonfinite == "skip" else ())
+        names = ("training_loss", "grad_norm", "lr", "eval_loss") + (("skipped_steps",) if t.nonfinite == "skip"
+                                                                     else ())
         return _train_loop(config, mesh, workdir, data, ckpt, _Scalars(writer, names), notice)
     finally:
       ckpt.close()  # waits for the saves in flight
       if writer is not None:
         writer.close()
-
-
-@dataclasses.dataclass(frozen=True)
-class _Programs:
-  """The compiled programs of a run and the shardings they take."""
-
-  init: Callable
-  train: Callable
-  eval: Callable
-  state_sharding: Any
-  batch_sharding: Any
-  state_shapes: Any
-
-
-def _compile(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, sde, network, example: tuple[int, ...],
-             init_key: Array) -> _Programs:
-  """The jitted init / train / eval programs: state replicated (or split over "fsdp") and donated to the
-  train step, batches sharded over the whole mesh (axis 1 when ``n_jitted_steps`` > 1)."""
-  init_state, train_fn, eval_fn = builders.build_step_fns(config, sde, network, example)
-  replicated = parallel.replicated(mesh)
-  batch_sharding = parallel.batch_sharding(mesh, 0 if config.training.n_jitted_steps == 1 else 1)
-  state_shapes = jax.eval_shape(init_state, init_key)
-  state_sharding = parallel.state_sharding(state_shapes, mesh)
-  return _Programs(
-      init=jax.jit(init_state, out_shardings=state_sharding),
-      train=jax.jit(train_fn, in_shardings=(replicated, state_sharding, batch_sharding),
-                    out_shardings=(state_sharding, replicated), donate_argnums=1),
-      eval=jax.jit(eval_fn, in_shardings=(replicated, state_sharding, batch_sharding), out_shardings=replicated),
-      state_sharding=state_sharding, batch_sharding=batch_sharding, state_shapes=state_shapes)
 
 
 def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: epath.Path,
@@ -327,7 +298,7 @@ def _train_loop(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, work
   train_ds, eval_ds = data
   init_key, train_key, eval_key, sample_key = jax.jit(  # made on every device (device_put cannot reach other hosts)
       lambda: tuple(jax.random.split(jax.random.key(config.seed), 4)), out_shardings=parallel.replicated(mesh))()
-  programs = _compile(config, mesh, sde, network, tuple(train_ds.element_shape), init_key)
+  programs = builders.build_programs(config, mesh, sde, network, tuple(train_ds.element_shape), init_key)
   snapshot = None
   if t.snapshot_sampling:
     snapshot = _snapshot_fn(config, sde, network, mesh, sample_key, train_ds, eval_ds, workdir)

@@ -8,7 +8,6 @@ from configs import default
 from score_sde import builders
 from score_sde import memory
 from score_sde import parallel
-from score_sde import train
 
 
 def _config(name="mlp"):
@@ -31,7 +30,7 @@ def test_the_report_is_the_training_loops_own_step_and_says_what_a_network_lacks
   assert all("has no" in r.refused for r in rows[1:])  # the MLP has neither remat nor dtype
   # The same figures as the program the training loop compiles.
   sde, network = builders.build_sde(config), builders.build_network(config)
-  programs = train._compile(config, mesh, sde, network, (2,), jax.random.key(0))  # pylint: disable=protected-access
+  programs = builders.build_programs(config, mesh, sde, network, (2,), jax.random.key(0))
   key = jax.eval_shape(lambda: jax.random.key(0))
   batch = {"image": jax.ShapeDtypeStruct((16, 2), np.float32), "label": jax.ShapeDtypeStruct((16,), np.int32)}
   stats = programs.train.lower(key, programs.state_shapes, batch).compile().memory_analysis()
