@@ -47,12 +47,12 @@ xla_cpu.configure()  # before JAX starts: XLA's own convolutions on a CPU, as ma
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from score_sde import builders  # pylint: disable=g-import-not-at-top,wrong-import-position
 from score_sde import compilation_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
 from score_sde import likelihood  # pylint: disable=g-import-not-at-top,wrong-import-position
 from score_sde import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from score_sde import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from score_sde.models import wrapper  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NETWORKS = {"ddpmpp": "vp/cifar10_ddpmpp_continuous", "ncsnpp": "ve/cifar10_ncsnpp_continuous"}
@@ -102,7 +102,7 @@ def _median_ms(run: Callable[[int], Any], steps: int) -> float:
 
 def train_rows(networks: list[str], variants: list[str], batch: int, steps: int, small: bool) -> list[Row]:
   rows = []
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+  mesh = parallel.make_mesh(jax.devices()[:1])
   for name in networks:
     for variant in variants:
       config = _config(name, small, **VARIANTS[variant])
@@ -116,8 +116,8 @@ def train_rows(networks: list[str], variants: list[str], batch: int, steps: int,
       compiled = memory.lower_train_step(config, mesh, batch).compile()
       compile_s = time.perf_counter() - start
       stats = compiled.memory_analysis()
-      planned = (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-                 - stats.alias_size_in_bytes)
+      planned = memory.StepMemory(variant, batch, stats.argument_size_in_bytes, stats.output_size_in_bytes,
+                                  stats.temp_size_in_bytes, stats.alias_size_in_bytes).total
       sde, network = builders.build_sde(config), builders.build_network(config)
       init_state, _, _ = builders.build_step_fns(config, sde, network)
       state = jax.jit(init_state)(jax.random.key(0))
