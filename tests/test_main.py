@@ -153,26 +153,6 @@ BAD_INPUT = {
 
 # Runs main.py's entry point once per case in one fresh process (JAX is imported once), as the command line
 # would: absl's flags are reset between cases; stderr and the exit status are recorded per case.
-_DRIVER = """
-import contextlib, io, json, sys, traceback
-import main
-from absl import flags
-out = {}
-for name, argv in json.loads(sys.argv[1]).items():
-  flags.FLAGS.unparse_flags()
-  for flag in [n for n in flags.FLAGS if n.startswith("config.")]:  # a config's own override flags
-    delattr(flags.FLAGS, flag)
-  sys.argv, err, code = ["main.py"] + argv, io.StringIO(), None
-  with contextlib.redirect_stderr(err):
-    try:
-      main.entry_point()
-    except SystemExit as e:
-      code = e.code
-    except BaseException:  # an error that escaped the entry point: its traceback is the failure
-      err.write("Traceback (escaped the entry point)\\n" + traceback.format_exc())
-  out[name] = {"code": code, "stderr": err.getvalue()}
-print(json.dumps(out))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -187,11 +167,7 @@ def bad_input_runs(tmp_path_factory):
     (tmp / case.replace(" ", "_")).mkdir()
     (tmp / case.replace(" ", "_") / "file").write_text("")
     cases[case] = ["--config", "configs/toy/vp_8gaussians.py", *args]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(cases)], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return tmp, json.loads(proc.stdout.strip().splitlines()[-1])
+  return tmp, helpers.run_entry_point(cases, cwd=ROOT)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))

@@ -8,13 +8,10 @@ reason; every README command is either run or listed, and every listed entry mus
 README, so a new command is run as soon as it is written.
 """
 
-import json
 import os
 import pathlib
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
 
@@ -75,33 +72,6 @@ def test_every_readme_command_is_run_or_listed_with_a_reason():
     assert any(key in command for command in commands), f"NOT_RUN lists {key!r}, which the README no longer has"
 
 
-# Runs main.py's entry point for each command in one process (JAX is imported once, compiled programs are
-# shared), resetting absl's flags between commands; records each command's exit status and last output.
-_DRIVER = """
-import contextlib, io, json, sys, traceback
-import main
-from absl import flags
-out = []
-for argv in json.loads(sys.argv[1]):
-  flags.FLAGS.unparse_flags()
-  for flag in [n for n in flags.FLAGS if n.startswith("config.")]:  # a config's own override flags
-    delattr(flags.FLAGS, flag)
-  sys.argv, err, code = ["main.py"] + argv, io.StringIO(), 0
-  with contextlib.redirect_stderr(err):
-    try:
-      main.entry_point()
-    except SystemExit as e:
-      code = e.code or 0
-    except BaseException:
-      err.write(traceback.format_exc())
-      code = "escaped"
-  out.append({"code": code, "stderr": err.getvalue()[-3000:]})
-  if code:
-    break
-print(json.dumps(out))
-"""
-
-
 @pytest.mark.slow
 def test_readme_commands_run(tmp_path):
   (tmp_path / "main.py").symlink_to(ROOT / "main.py")
@@ -120,12 +90,9 @@ def test_readme_commands_run(tmp_path):
     argvs.append([*args[2:], *tiny])
   assert len(commands) >= 12
   # One compilation cache for every workdir (main.py's "auto" reads the variable), so a program compiles once.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=helpers.FAST_COMPILE_FLAGS,
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "compilation_cache"))
-  proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(argvs)], cwd=tmp_path, env=env,
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  results = json.loads(proc.stdout.strip().splitlines()[-1])
+  env = dict(os.environ, XLA_FLAGS=helpers.FAST_COMPILE_FLAGS, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"))
+  results = list(helpers.run_entry_point({str(i): argv for i, argv in enumerate(argvs)}, cwd=tmp_path, env=env,
+                                         stop_on_failure=True, timeout=900).values())
   for command, result in zip(commands, results):
-    assert result["code"] == 0, f"{command}\n{result['stderr']}"
+    assert result["code"] == 0, f"{command}\n{result['stderr'][-3000:]}"
   assert len(results) == len(commands)
